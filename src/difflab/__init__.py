@@ -1,0 +1,1 @@
+"""difflab: diffusion models that are correct to the math."""

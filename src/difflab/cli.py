@@ -1,0 +1,140 @@
+"""The ``difflab`` command line: ``difflab train``, ``difflab sample`` (``python -m difflab`` is the same).
+
+Every bad input ends in one line ``error: ...`` on stderr and exit status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from difflab.errors import UserError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="difflab")
+def cli() -> None:
+    """difflab: train, sample and measure diffusion models."""
+
+
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config file (keys: seed, data, model, schedule, objective, optim, log).")
+@click.option("--dataset", help="shapes | digits | mnist | cifar10 | a folder of images.  [default: shapes]")
+@click.option("--resolution", type=int, help="Image size in pixels (square).  [default: the dataset's]")
+@click.option("--num-images", type=int, help="How many training images to use or generate.")
+@click.option("--data-dir", help="Folder with the MNIST / CIFAR-10 files.  [default: $DIFFLAB_DATA_DIR]")
+@click.option("--steps", type=int, help="Optimizer steps in total.  [default: 2000]")
+@click.option("--batch-size", type=int, help="Global batch size.  [default: 32]")
+@click.option("--lr", type=float, help="AdamW learning rate (after warm-up).  [default: 2e-4]")
+@click.option("--seed", type=int, help="Seed of everything random.  [default: 0]")
+@click.option("--parameterization", type=click.Choice(["eps", "x0", "v"]), help="What the network predicts.  [default: eps]")
+@click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), help="Autocast precision.  [default: no]")
+@click.option("--sample-every", type=int, help="Steps between sample grids in OUT/samples (0: never).  [default: 500]")
+@click.option("--checkpoint-every", type=int, help="Steps between checkpoints (0: only at the end).  [default: 500]")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder: model, checkpoint, samples, log.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def train(config_path: str | None, out_dir: str, resume: bool, no_progress: bool, **flags: Any) -> None:
+    """Train a diffusion model; Ctrl-C saves a checkpoint first."""
+    from difflab.training import load_config, train as run_training
+    from difflab.training.checkpoint import find_checkpoint, load_checkpoint
+
+    keys = {"dataset": "data.dataset", "resolution": "data.resolution", "num_images": "data.num_images",
+            "data_dir": "data.data_dir", "steps": "optim.steps", "batch_size": "optim.batch_size", "lr": "optim.lr",
+            "seed": "seed", "parameterization": "objective.parameterization", "mixed_precision": "optim.mixed_precision",
+            "sample_every": "log.sample_every", "checkpoint_every": "log.checkpoint_every"}
+    overrides = {keys[k]: v for k, v in flags.items() if v is not None}
+    base = None
+    existing = find_checkpoint(Path(out_dir)) if resume and Path(out_dir).is_dir() else None
+    if existing and config_path is None:
+        base = load_checkpoint(existing)[1]["config"]
+    config = load_config(config_path, overrides, base=base)
+    started = time.perf_counter()
+    result = run_training(config, out_dir, resume=resume, progress=not no_progress)
+    click.echo(f"trained {result.step} steps in {time.perf_counter() - started:.0f} s "
+               f"(final loss {result.loss:.4f}, {result.images_per_second:.1f} images/s)")
+    click.echo(f"model written to {result.out_dir} (sample it with: difflab sample --model {result.out_dir})")
+
+
+@cli.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(), help="A model folder written by `difflab train --out`.")
+@click.option("--sampler", default=None, help="Sampler name (see `difflab samplers`).  [default: the model's, ddim]")
+@click.option("--steps", type=int, default=50, show_default=True, help="Sampling steps.")
+@click.option("--num-images", type=int, default=16, show_default=True, help="Images to generate.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Image i uses seed SEED + i, whatever the batch.")
+@click.option("--eta", type=float, default=None, help="DDIM stochasticity in [0, 1] (0: deterministic).")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Images per forward pass.")
+@click.option("--out", "out_path", default="grid.png", show_default=True, type=click.Path(dir_okay=False), help="PNG grid to write.")
+@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def sample(model_dir: str, sampler: str | None, steps: int, num_images: int, seed: int, eta: float | None,
+           batch_size: int, out_path: str, device: str, no_progress: bool) -> None:
+    """Sample images from a trained model into a PNG grid."""
+    import torch
+
+    from difflab.data.images import to_pil_grid
+    from difflab.pipelines.diffusion import DiffusionPipeline
+    from difflab.pipelines.model_dir import ensure_writable_file
+
+    if num_images < 1 or batch_size < 1:
+        raise UserError(f"--num-images and --batch-size must be >= 1, got {num_images} and {batch_size}")
+    out = ensure_writable_file(Path(out_path))
+    pipe = DiffusionPipeline.from_pretrained(model_dir, device=device)
+    started, chunks, nfe = time.perf_counter(), [], 0
+    for first in range(0, num_images, batch_size):
+        n = min(batch_size, num_images - first)
+        result = pipe(num_images=n, num_inference_steps=steps, sampler=sampler, eta=eta, seed=seed + first,
+                      progress=not no_progress)
+        chunks.append(result.samples)
+        nfe = result.nfe
+    samples = torch.cat(chunks)
+    to_pil_grid(samples, nrow=int(math.ceil(math.sqrt(num_images)))).save(out)
+    elapsed = time.perf_counter() - started
+    click.echo(f"wrote {num_images} samples to {out} ({sampler or pipe.sampler}, {nfe} network evaluations per image, "
+               f"{1000 * elapsed / num_images:.0f} ms per image)")
+
+
+@cli.command()
+def samplers() -> None:
+    """List the samplers and their options."""
+    from difflab.samplers import sampler_names, sampler_options
+
+    for name in sampler_names():
+        opts = ", ".join(f"{k}={v!r}" for k, v in sampler_options(name).items())
+        click.echo(f"{name:16s} {opts}")
+
+
+def _register_commands() -> None:
+    from difflab.demo import demo
+
+    cli.add_command(demo)
+
+
+_register_commands()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI, turning user errors into one line and exit status 2."""
+    from difflab.training import TrainingInterrupted
+
+    try:
+        cli.main(args=argv, prog_name="difflab", standalone_mode=False)
+    except UserError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except TrainingInterrupted as err:
+        click.echo(f"stopped: {err}", err=True)
+        sys.exit(130)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except click.exceptions.Exit as err:
+        sys.exit(err.exit_code)

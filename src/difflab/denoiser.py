@@ -1,0 +1,100 @@
+"""The denoiser contract: every model, whatever it predicts, answers (x0, eps) at (x_t, t).
+
+Samplers, losses and guidance only talk to a :class:`Denoiser`. Wrap any network or plain callable
+``model_fn(x, t, **cond) -> prediction`` with its parameterization ("eps", "x0" or "v") and its
+schedule. ``t`` is the discrete index ``0 .. T-1`` as a float (fractional values allowed), passed to
+``model_fn`` as a float32 tensor of shape ``(B,)`` on the model's device; see :mod:`difflab.schedules`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from difflab.errors import UserError
+from difflab.process import PARAMETERIZATIONS, prediction_to_x0_eps, score_from_eps, v_from_x0_eps
+from difflab.schedules import NoiseSchedule, broadcast_to
+
+ModelFn = Callable[..., Tensor]
+
+
+@dataclass
+class DenoiserOutput:
+    """What a denoiser answers at (x_t, t): the clean-data estimate and the noise estimate."""
+
+    x0: Tensor
+    eps: Tensor
+    alpha: Tensor
+    sigma: Tensor
+
+    @property
+    def score(self) -> Tensor:
+        """grad_x log p_t(x) = -eps / sigma."""
+        return score_from_eps(self.eps, self.sigma)
+
+    @property
+    def v(self) -> Tensor:
+        """v = alpha eps - sigma x0 (Salimans & Ho 2022)."""
+        return v_from_x0_eps(self.x0, self.eps, self.alpha, self.sigma)
+
+
+class Denoiser:
+    """Adapt ``model_fn(x, t, **cond)`` of a given parameterization to the denoiser contract.
+
+    Counts its network evaluations in :attr:`nfe`. ``cond`` passed at construction is sent on every
+    call (e.g. class labels of the batch); keyword arguments of a call are added to it.
+    """
+
+    def __init__(
+        self,
+        model_fn: ModelFn,
+        schedule: NoiseSchedule,
+        parameterization: str = "eps",
+        **cond: Any,
+    ) -> None:
+        if parameterization not in PARAMETERIZATIONS:
+            raise UserError(f"unknown parameterization {parameterization!r}; use one of {PARAMETERIZATIONS}")
+        self.model_fn = model_fn
+        self.schedule = schedule
+        self.parameterization = parameterization
+        self.cond = cond
+        self.nfe = 0
+
+    def time_tensor(self, t: Tensor | float, x: Tensor) -> Tensor:
+        """``t`` as a float64 tensor of shape (B,) on the CPU (schedule lookups are float64)."""
+        t = torch.as_tensor(t, dtype=torch.float64).detach().cpu()
+        return t.expand(x.shape[0]) if t.ndim == 0 else t
+
+    def raw(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        """One network evaluation, checked for shape and finiteness."""
+        pred = self.model_fn(x, t.to(device=x.device, dtype=torch.float32), **{**self.cond, **cond})
+        self.nfe += 1
+        if not isinstance(pred, Tensor) or pred.shape != x.shape:
+            shape = tuple(pred.shape) if isinstance(pred, Tensor) else type(pred).__name__
+            raise UserError(f"model_fn returned {shape} for input of shape {tuple(x.shape)}; it must return a tensor of the input's shape")
+        if not bool(torch.isfinite(pred).all()):
+            raise UserError(f"model_fn returned NaN or Inf at t={t.flatten()[0].item():g}; check the model's weights and inputs")
+        return pred
+
+    def __call__(self, x: Tensor, t: Tensor | float, **cond: Any) -> DenoiserOutput:
+        t = self.time_tensor(t, x)
+        pred = self.raw(x, t, **cond)
+        alpha = broadcast_to(self.schedule.alpha(t), x)
+        sigma = broadcast_to(self.schedule.sigma(t), x)
+        x0, eps = prediction_to_x0_eps(pred, self.parameterization, x, alpha, sigma)
+        return DenoiserOutput(x0=x0, eps=eps, alpha=alpha, sigma=sigma)
+
+
+def as_denoiser(
+    model: "Denoiser | ModelFn", schedule: NoiseSchedule | None = None, parameterization: str = "eps", **cond: Any
+) -> Denoiser:
+    """Return ``model`` if it is already a denoiser, else wrap it (a schedule is then required)."""
+    if isinstance(model, Denoiser):
+        return model
+    if schedule is None:
+        raise UserError("a plain model_fn needs schedule=...; e.g. difflab.NoiseSchedule.linear(1000)")
+    return Denoiser(model, schedule, parameterization, **cond)

@@ -1,0 +1,123 @@
+"""Configuration of the difflab UNet: a validated, JSON-friendly dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from difflab.errors import UserError
+
+_TUPLE_FIELDS = ("channel_mults", "attention_levels")
+
+
+@dataclass
+class UNetConfig:
+    """Shape of a :class:`~difflab.nets.unet.UNet`.
+
+    Attributes:
+        in_channels: channels of the input (3 for RGB).
+        out_channels: channels of the output; ``None`` means ``in_channels`` (use ``2 * in_channels``
+            for a learned variance, Nichol & Dhariwal 2021).
+        base_channels: channels at full resolution; level ``i`` has ``base_channels * channel_mults[i]``.
+        channel_mults: one multiplier per resolution level; each level after the first halves H and W.
+        num_res_blocks: residual blocks per encoder level (the decoder has one more per level to
+            consume the downsampling skip). An int for all levels or a tuple with one per level.
+        attention_levels: indices into ``channel_mults`` of the levels with self-attention.
+        head_channels: channels per attention head.
+        dropout: dropout rate inside residual blocks (active in training mode only).
+        norm_groups: GroupNorm groups, clipped to a divisor of each channel count.
+        num_classes: if set, a class embedding (with one extra learned "null" label, index
+            ``num_classes``) is added to the time embedding.
+        context_dim: if set, every attention level (and the middle) gets cross-attention to
+            ``context`` tokens of this width after its self-attention.
+        pooled_context_dim: if set, a pooled text vector of this width is projected and added to
+            the time embedding.
+        mid_attention: self-attention (and cross-attention if ``context_dim``) in the middle block.
+        gradient_checkpointing: recompute block activations in backward to save memory.
+    """
+
+    in_channels: int = 3
+    out_channels: int | None = None
+    base_channels: int = 64
+    channel_mults: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int | tuple[int, ...] = 2
+    attention_levels: tuple[int, ...] = (1,)
+    head_channels: int = 32
+    dropout: float = 0.0
+    norm_groups: int = 32
+    num_classes: int | None = None
+    context_dim: int | None = None
+    pooled_context_dim: int | None = None
+    mid_attention: bool = True
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        self.channel_mults = tuple(int(m) for m in self.channel_mults)
+        self.attention_levels = tuple(int(i) for i in self.attention_levels)
+        if not isinstance(self.num_res_blocks, int):
+            self.num_res_blocks = tuple(int(n) for n in self.num_res_blocks)
+        self._validate()
+
+    def _validate(self) -> None:
+        for name in ("in_channels", "base_channels", "head_channels", "norm_groups"):
+            _require_positive(name, getattr(self, name))
+        for name in ("out_channels", "num_classes", "context_dim", "pooled_context_dim"):
+            if getattr(self, name) is not None:
+                _require_positive(name, getattr(self, name))
+        if not self.channel_mults or min(self.channel_mults) < 1:
+            raise UserError(
+                f"channel_mults={self.channel_mults} is invalid; give one or more positive ints, e.g. (1, 2, 2)"
+            )
+        levels = len(self.channel_mults)
+        blocks = self.res_blocks_per_level()
+        if len(blocks) != levels or min(blocks) < 1:
+            raise UserError(
+                f"num_res_blocks={self.num_res_blocks} is invalid; give an int >= 1 or {levels} ints >= 1 "
+                f"(one per entry of channel_mults)"
+            )
+        bad = [i for i in self.attention_levels if not 0 <= i < levels]
+        if bad:
+            raise UserError(
+                f"attention_levels contains {bad}; valid level indices are 0..{levels - 1} "
+                f"(positions in channel_mults={self.channel_mults})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"dropout={self.dropout} is invalid; use a rate in [0, 1)")
+
+    def res_blocks_per_level(self) -> tuple[int, ...]:
+        """``num_res_blocks`` expanded to one count per level."""
+        if isinstance(self.num_res_blocks, int):
+            return (self.num_res_blocks,) * len(self.channel_mults)
+        return tuple(self.num_res_blocks)
+
+    @property
+    def resolved_out_channels(self) -> int:
+        """``out_channels``, or ``in_channels`` when it is ``None``."""
+        return self.in_channels if self.out_channels is None else self.out_channels
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict (tuples become lists); :meth:`from_dict` inverts it."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> UNetConfig:
+        """Build a config from :meth:`to_dict` output; an unknown key raises ``UserError``."""
+        valid = [f.name for f in dataclasses.fields(cls)]
+        for key in d:
+            if key not in valid:
+                raise UserError(f"unknown UNetConfig key {key!r}; valid keys are: {', '.join(valid)}")
+        kwargs = dict(d)
+        for key in (*_TUPLE_FIELDS, "num_res_blocks"):
+            if isinstance(kwargs.get(key), list):
+                kwargs[key] = tuple(kwargs[key])
+        return cls(**kwargs)
+
+
+def _require_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{name}={value!r} is invalid; use a positive integer")

@@ -1,0 +1,124 @@
+"""The public sampling entry point, ``difflab.sample``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from difflab.denoiser import Denoiser, DenoiserOutput, as_denoiser
+from difflab.errors import UserError
+from difflab.noise import NoiseSource
+from difflab.samplers.grids import check_grid, make_grid
+from difflab.samplers.registry import SamplerFn, get_sampler, sampler_options
+from difflab.schedules import NoiseSchedule
+
+# Default grid per sampler (see docs/samplers.md for the measurements behind the choice).
+DEFAULT_GRIDS: dict[str, str] = {
+    "ddpm": "uniform",
+    "ddim": "uniform",
+    "euler": "uniform",
+    "heun": "karras",
+    "euler_maruyama": "uniform",
+    "euler_maruyama_ve": "uniform",
+    "pc": "uniform",
+}
+FALLBACK_GRID = "logsnr"  # every DPM-Solver variant, and samplers registered elsewhere
+
+class SampleResult(NamedTuple):
+    """Final samples at the clean end t = -1, and the number of model evaluations spent."""
+
+    samples: Tensor
+    nfe: int
+
+
+class _Tracked:
+    """The denoiser as a sampler sees it: binds ``cond`` and ticks the progress bar on each evaluation."""
+
+    def __init__(self, denoiser: Denoiser, cond: dict[str, Any], bar: Any) -> None:
+        self.denoiser, self.cond, self.bar = denoiser, cond, bar
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        return self.denoiser.schedule
+
+    def __call__(self, x: Tensor, t: Tensor | float) -> DenoiserOutput:
+        out = self.denoiser(x, t, **self.cond)
+        self.bar.update(1)
+        return out
+
+
+def expected_nfe(sampler: str, steps: int, **options: Any) -> int | None:
+    """Model evaluations of a built-in sampler for ``steps`` steps ending at t = -1 (None if unknown).
+
+    Heun: 2N - 1 (Euler into the clean end); singlestep DPM-Solver-k: k (N - 1) + 1; all others: N.
+    """
+    orders = {"dpm_solver_1": 1, "dpm_solver_2": 2, "dpm_solver_3": 3, "dpm_solver": options.get("order", 3)}
+    if sampler == "heun":
+        return 2 * steps - 1
+    if sampler in orders:
+        return int(orders[sampler]) * (steps - 1) + 1
+    known = ("ddpm", "ddim", "euler", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde")
+    return steps if sampler in known else None
+
+
+def _check_options(fn: SamplerFn, name: str, options: dict[str, Any]) -> None:
+    valid = sampler_options(fn)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        listed = ", ".join(f"{k}={v!r}" for k, v in valid.items()) or "none"
+        raise UserError(f"unknown option(s) {unknown} for sampler {name!r}; valid options: {listed}")
+
+
+def sample(
+    model_fn: "Denoiser | Callable[..., Tensor]",
+    noise: Tensor,
+    sampler: "str | SamplerFn" = "dpmpp_2m",
+    steps: int = 10,
+    schedule: NoiseSchedule | None = None,
+    generator: "torch.Generator | Sequence[torch.Generator] | NoiseSource | None" = None,
+    *,
+    parameterization: str = "eps",
+    grid: str | None = None,
+    timesteps: "Tensor | Sequence[float] | None" = None,
+    progress: bool = False,
+    cond: dict[str, Any] | None = None,
+    **options: Any,
+) -> SampleResult:
+    """Integrate from ``noise`` (the state at the grid's first time, standard normal for a VP model) to data.
+
+    ``model_fn`` is a :class:`Denoiser` (then ``schedule`` and ``parameterization`` are taken from it)
+    or a callable ``model_fn(x, t) -> eps | x0 | v`` with t in index units. ``generator``: None, one
+    torch.Generator (shared by the batch), one per sample, or a :class:`NoiseSource`; only stochastic
+    samplers draw from it, so sample i depends only on generator i when one per sample is given.
+    ``grid`` picks a named grid (:func:`make_grid`; default per sampler in ``DEFAULT_GRIDS``, else
+    "logsnr"); ``timesteps`` gives an explicit decreasing grid ending at -1 and overrides ``steps``.
+    ``options`` are the sampler's keyword options (e.g. ``eta`` for "ddim").
+
+    >>> import torch, difflab
+    >>> sched = difflab.schedules.NoiseSchedule.linear(1000)
+    >>> out = sample(lambda x, t: torch.zeros_like(x), torch.randn(4, 2), "ddim", steps=5, schedule=sched)
+    >>> out.samples.shape, out.nfe
+    (torch.Size([4, 2]), 5)
+    """
+    fn = get_sampler(sampler)
+    name = getattr(fn, "sampler_name", getattr(fn, "__name__", "sampler"))
+    _check_options(fn, name, options)
+    if not isinstance(noise, Tensor) or noise.ndim < 1 or noise.shape[0] < 1:
+        raise UserError("noise must be a tensor of shape (batch, ...) with batch >= 1, e.g. torch.randn(4, 3, 32, 32)")
+    denoiser = as_denoiser(model_fn, schedule, parameterization)
+    if timesteps is not None:
+        if grid is not None:
+            raise UserError(f"pass either grid={grid!r} or timesteps, not both")
+        grid_t = check_grid(torch.as_tensor(timesteps), denoiser.schedule)
+    else:
+        grid_t = make_grid(denoiser.schedule, steps, grid or DEFAULT_GRIDS.get(name, FALLBACK_GRID))
+    source = NoiseSource.from_any(generator, noise.shape[0])
+    start = denoiser.nfe
+    total = expected_nfe(name, len(grid_t) - 1, **options)
+    with tqdm(total=total, disable=not progress, desc=name, unit="nfe") as bar:
+        x = fn(_Tracked(denoiser, dict(cond or {}), bar), noise, grid_t, source, **options)
+    return SampleResult(x, denoiser.nfe - start)

@@ -1,0 +1,40 @@
+"""Ancestral sampling of DDPM (Ho et al. 2020, Alg. 2), on any decreasing grid.
+
+Between grid points t > s the step draws from p(x_s | x_t) = N(mu, var): mu is the mean of the exact
+posterior q(x_s | x_t, x0) at the predicted x0 (Kingma et al. 2021, eq. 32-33, :func:`process.posterior`);
+var is its variance ("small", beta-tilde for adjacent steps) or sigma_{t|s}^2 = 1 - alpha_t^2 / alpha_s^2
+("large", beta_t for adjacent steps). The step into the clean end adds no noise and returns the x0
+prediction. NFE = number of steps.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from torch import Tensor
+
+from difflab.denoiser import Denoiser
+from difflab.errors import UserError
+from difflab.noise import NoiseSource
+from difflab.process import posterior
+from difflab.samplers._common import steps
+from difflab.samplers.registry import register_sampler
+
+
+@register_sampler("ddpm")
+def ddpm(
+    denoiser: Denoiser, x: Tensor, timesteps: Tensor, noise: NoiseSource, *, variance: Literal["small", "large"] = "small"
+) -> Tensor:
+    """DDPM ancestral sampler; ``variance="small"`` (beta-tilde) or ``"large"`` (beta), Ho et al. 2020, sec. 3.2."""
+    if variance not in ("small", "large"):
+        raise UserError(f"unknown variance {variance!r}; use 'small' (beta-tilde) or 'large' (beta)")
+    for _, cur, nxt in steps(denoiser.schedule, timesteps):
+        x0 = denoiser(x, cur.t).x0
+        post = posterior(x, x0, nxt.alpha, nxt.sigma, cur.alpha, cur.sigma)
+        if nxt.clean:
+            x = post.mean
+            continue
+        var = post.var if variance == "small" else 1.0 - (cur.alpha / nxt.alpha) ** 2
+        x = post.mean + math.sqrt(var) * noise.like(x)
+    return x

@@ -1,0 +1,148 @@
+"""Training configuration: typed sections, every key validated, loadable from YAML and overridable by flags."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from difflab.errors import UserError
+from difflab.process import PARAMETERIZATIONS
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "shapes"  # shapes | digits | mnist | cifar10 | a folder path
+    resolution: int | None = None  # None: the dataset's native resolution
+    num_images: int | None = None  # None: the dataset's default size
+    data_dir: str | None = None  # for mnist / cifar10
+
+
+@dataclass
+class ObjectiveConfig:
+    parameterization: str = "eps"  # eps | x0 | v
+    weighting: str = "uniform"
+
+
+@dataclass
+class OptimConfig:
+    steps: int = 2000
+    batch_size: int = 32
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    mixed_precision: str = "no"  # no | fp16 | bf16 (through Accelerate)
+
+
+@dataclass
+class LogConfig:
+    sample_every: int = 500  # steps between sample grids (0: never)
+    checkpoint_every: int = 500  # steps between checkpoints (0: only at the end)
+    num_samples: int = 16
+    sample_steps: int = 25
+    sampler: str = "ddim"
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: dict[str, Any] = field(default_factory=dict)  # UNetConfig fields; in_channels comes from the data
+    schedule: dict[str, Any] = field(default_factory=lambda: {"kind": "linear", "num_timesteps": 1000})
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "TrainConfig":
+        config = _build(cls, raw, "")
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        o, log = self.optim, self.log
+        _check(o.steps >= 1, "optim.steps", o.steps, "must be >= 1")
+        _check(o.batch_size >= 1, "optim.batch_size", o.batch_size, "must be >= 1")
+        _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+        _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+        _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
+        _check(0 <= o.ema_decay < 1, "optim.ema_decay", o.ema_decay, "must lie in [0, 1)")
+        _check(o.mixed_precision in ("no", "fp16", "bf16"), "optim.mixed_precision", o.mixed_precision, "use no, fp16 or bf16")
+        _check(self.objective.parameterization in PARAMETERIZATIONS, "objective.parameterization",
+               self.objective.parameterization, f"use one of {', '.join(PARAMETERIZATIONS)}")
+        for name in ("sample_every", "checkpoint_every"):
+            _check(getattr(log, name) >= 0, f"log.{name}", getattr(log, name), "must be >= 0")
+        _check(log.num_samples >= 1, "log.num_samples", log.num_samples, "must be >= 1")
+        _check(log.sample_steps >= 1, "log.sample_steps", log.sample_steps, "must be >= 1")
+        if self.data.resolution is not None:
+            _check(self.data.resolution >= 4, "data.resolution", self.data.resolution, "must be >= 4")
+
+
+def _check(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise UserError(f"config value {key}={value!r} is out of range: {rule}")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    """Build a dataclass from a dict, rejecting unknown keys and casting scalars to the field type."""
+    if not isinstance(raw, dict):
+        raise UserError(f"config section {prefix or 'top level'} must be a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = f" in section {prefix.rstrip('.')}" if prefix else ""
+        raise UserError(f"unknown config key {prefix}{unknown[0]}{where}; valid keys: {', '.join(fields)}")
+    values = {}
+    for name, value in raw.items():
+        default = getattr(cls(), name)
+        if dataclasses.is_dataclass(default):
+            values[name] = _build(type(default), value, f"{prefix}{name}.")
+        else:
+            values[name] = _cast(value, default, f"{prefix}{name}")
+    return cls(**values)
+
+
+def _cast(value: Any, default: Any, key: str) -> Any:
+    if value is None or default is None or isinstance(default, (dict, str)):
+        if isinstance(default, dict) and not isinstance(value, dict):
+            raise UserError(f"config key {key} must be a mapping, got {value!r}")
+        return value
+    try:
+        if isinstance(default, bool):
+            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+        return type(default)(value)
+    except (TypeError, ValueError):
+        raise UserError(f"config key {key} must be a {type(default).__name__}, got {value!r}") from None
+
+
+def load_config(
+    path: str | Path | None, overrides: dict[str, Any] | None = None, base: dict[str, Any] | None = None
+) -> TrainConfig:
+    """Read a YAML config (else start from ``base`` or the defaults) and apply dotted overrides like ``{"optim.steps": 10}``."""
+    raw: dict[str, Any] = copy.deepcopy(base) if base else {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist; pass an existing YAML file to --config")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return TrainConfig.from_dict(raw)

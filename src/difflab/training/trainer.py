@@ -1,0 +1,227 @@
+"""The training loop, on Hugging Face Accelerate (one process here, many with ``accelerate launch``).
+
+Randomness is a pure function of (seed, step): the data order of every epoch, the timesteps and the
+noise of every step are drawn from generators seeded by them, for the whole global batch, and each
+process takes its slice. So a resumed run repeats exactly what an uninterrupted run would do, and N
+processes see exactly the batch one process with N times the batch would see.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from difflab.data import build_dataset
+from difflab.data.images import to_pil_grid
+from difflab.errors import UserError
+from difflab.losses import diffusion_loss
+from difflab.nets.unet import UNet
+from difflab.nets.unet_config import UNetConfig
+from difflab.pipelines.diffusion import DiffusionPipeline
+from difflab.pipelines.model_dir import ensure_writable_dir
+from difflab.schedules import NoiseSchedule
+from difflab.training import checkpoint as ckpt
+from difflab.training.config import TrainConfig
+from difflab.training.ema import EMA
+
+MAX_BAD_STEPS = 3
+
+
+class TrainingInterrupted(Exception):
+    """Raised after Ctrl-C or SIGTERM once the checkpoint is safely on disk."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    loss: float
+    images_per_second: float
+    out_dir: Path
+
+
+class Trainer:
+    """Train a UNet diffusion model described by a :class:`TrainConfig` into ``out_dir``."""
+
+    def __init__(self, config: TrainConfig, out_dir: str | Path, *, progress: bool = True) -> None:
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.progress = progress
+        self.accelerator = Accelerator(mixed_precision=config.optim.mixed_precision)
+        if self.accelerator.is_main_process:
+            ensure_writable_dir(self.out_dir)
+        d = config.data
+        self.dataset = build_dataset(d.dataset, d.resolution, data_dir=d.data_dir, num_images=d.num_images, seed=config.seed)
+        model_cfg = {"in_channels": self.dataset.channels, **config.model}
+        if model_cfg["in_channels"] != self.dataset.channels:
+            raise UserError(f"model.in_channels={model_cfg['in_channels']} but the dataset has {self.dataset.channels} channels; remove the key")
+        torch.manual_seed(config.seed)
+        self.model = UNet(UNetConfig.from_dict(model_cfg))
+        self.schedule = NoiseSchedule.from_config(config.schedule)
+        self.ema = EMA(self.model, config.optim.ema_decay)
+        o = config.optim
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / max(o.warmup_steps, 1)))
+        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self.ema.model.to(self.accelerator.device)
+        self.step = 0
+        self.bad_steps = 0
+
+    # ----- randomness as a function of (seed, step) -------------------------------------------
+    def _generator(self, *keys: int) -> torch.Generator:
+        seed = self.config.seed
+        for k in keys:
+            seed = (seed * 1_000_003 + k) % (2**63 - 1)
+        return torch.Generator().manual_seed(seed)
+
+    def _batch_indices(self, step: int) -> torch.Tensor:
+        """Dataset indices of the global batch at ``step`` (epoch-wise permutations, no repeats within an epoch)."""
+        n, bs = len(self.dataset), self.config.optim.batch_size
+        positions = torch.arange(step * bs, (step + 1) * bs)
+        epochs = positions // n
+        out = torch.empty(bs, dtype=torch.long)
+        for epoch in epochs.unique().tolist():
+            perm = torch.randperm(n, generator=self._generator(1, epoch))
+            mask = epochs == epoch
+            out[mask] = perm[positions[mask] % n]
+        return out
+
+    def _local_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This process's slice of the global (images, timesteps, noise) at ``step``."""
+        idx = self._batch_indices(step)
+        g = self._generator(2, step)
+        x0 = torch.stack([self.dataset[int(i)]["image"] for i in idx])
+        t = torch.randint(0, self.schedule.T, (len(idx),), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        dev = self.accelerator.device
+        return x0[rank::world].to(dev), t[rank::world], noise[rank::world].to(dev)
+
+    # ----- one optimisation step --------------------------------------------------------------
+    def train_step(self, step: int) -> float:
+        x0, t, noise = self._local_batch(step)
+        self.model.train()
+        with self.accelerator.autocast():
+            losses = diffusion_loss(self.model, x0, self.schedule, t, noise,
+                                    parameterization=self.config.objective.parameterization,
+                                    weighting=self.config.objective.weighting)
+        loss = losses.mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        if self.config.optim.grad_clip > 0:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
+        loss_value = self.accelerator.reduce(loss.detach(), reduction="mean").item()
+        if not math.isfinite(loss_value):
+            return self._skip_bad_step(step)
+        self.bad_steps = 0
+        self.optimizer.step()
+        self.lr_schedule.step()
+        self.ema.update(self.accelerator.unwrap_model(self.model))
+        return loss_value
+
+    def _skip_bad_step(self, step: int) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.bad_steps += 1
+        if self.bad_steps >= MAX_BAD_STEPS:
+            raise UserError(
+                f"the loss was NaN/Inf for {MAX_BAD_STEPS} steps in a row (last at step {step}); lower optim.lr or use "
+                f"mixed_precision bf16/no instead of fp16; the last good checkpoint in {self.out_dir} is kept"
+            )
+        return float("nan")
+
+    # ----- checkpoints and exports ------------------------------------------------------------
+    def pipeline(self) -> DiffusionPipeline:
+        """The EMA model as a sampling pipeline."""
+        return DiffusionPipeline(self.ema.model, self.schedule, self.config.objective.parameterization,
+                                 resolution=self.dataset.resolution, sampler=self.config.log.sampler,
+                                 extra_config={"dataset": self.config.data.dataset, "channels": self.dataset.channels})
+
+    def save(self) -> None:
+        """Checkpoint (everything needed to continue) and export the EMA model, on the main process only."""
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        opt_tensors, opt_meta = ckpt.optimizer_to_flat(self.optimizer.state_dict())
+        rng_tensors, rng_meta = ckpt.rng_state()
+        state = {"step": self.step, "config": self.config.to_dict(), "optimizer": opt_meta, "rng": rng_meta,
+                 "ema_updates": self.ema.num_updates, "lr_schedule": self.lr_schedule.state_dict(), "bad_steps": self.bad_steps}
+        tensors = {"model": model.state_dict(), "ema": self.ema.model.state_dict(), "optimizer": opt_tensors, "rng": rng_tensors}
+        ckpt.save_checkpoint(self.out_dir, tensors, state)
+        self.pipeline().save_pretrained(self.out_dir)
+
+    def restore(self, path: Path) -> None:
+        tensors, state = ckpt.load_checkpoint(path)
+        self.accelerator.unwrap_model(self.model).load_state_dict(tensors["model"])
+        self.ema.model.load_state_dict(tensors["ema"])
+        self.ema.num_updates = state["ema_updates"]
+        self.optimizer.load_state_dict(ckpt.optimizer_from_flat(tensors["optimizer"], state["optimizer"]))
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        ckpt.set_rng_state(tensors["rng"], state["rng"])
+        self.step, self.bad_steps = state["step"], state.get("bad_steps", 0)
+
+    def save_samples(self) -> Path | None:
+        if not self.accelerator.is_main_process:
+            return None
+        log = self.config.log
+        out = self.pipeline()(num_images=log.num_samples, num_inference_steps=log.sample_steps, seed=0, progress=False)
+        path = self.out_dir / "samples" / f"step_{self.step:07d}.png"
+        path.parent.mkdir(exist_ok=True)
+        to_pil_grid(out.samples, nrow=int(math.ceil(math.sqrt(log.num_samples)))).save(path)
+        return path
+
+    # ----- the loop ---------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        o, log = self.config.optim, self.config.log
+        bar = tqdm(total=o.steps, initial=self.step, disable=not (self.progress and self.accelerator.is_main_process),
+                   desc="train", unit="step", dynamic_ncols=True)
+        smoothed, started, start_step = float("nan"), time.perf_counter(), self.step
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
+        try:
+            while self.step < o.steps:
+                loss = self.train_step(self.step)
+                self.step += 1
+                if math.isfinite(loss):
+                    smoothed = loss if not math.isfinite(smoothed) else 0.98 * smoothed + 0.02 * loss
+                rate = (self.step - start_step) * o.batch_size / (time.perf_counter() - started)
+                bar.update(1)
+                bar.set_postfix(loss=f"{smoothed:.4f}", img_s=f"{rate:.1f}")
+                self._log_line({"step": self.step, "loss": loss, "images_per_second": rate})
+                if log.checkpoint_every and self.step % log.checkpoint_every == 0 and self.step < o.steps:
+                    self.save()
+                if log.sample_every and self.step % log.sample_every == 0:
+                    self.save_samples()
+        except KeyboardInterrupt:
+            bar.close()
+            self.save()
+            raise TrainingInterrupted(f"interrupted at step {self.step}; checkpoint saved in {self.out_dir}; continue with --resume") from None
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        bar.close()
+        self.save()
+        rate = (self.step - start_step) * o.batch_size / max(time.perf_counter() - started, 1e-9)
+        return TrainResult(self.step, smoothed, rate, self.out_dir)
+
+    def _log_line(self, record: dict[str, Any]) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.out_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

@@ -1,0 +1,31 @@
+"""Shared test settings: small thread count, a tiny training config."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+TINY_MODEL = {"base_channels": 16, "channel_mults": [1, 2], "num_res_blocks": 1, "attention_levels": [1],
+              "head_channels": 16, "norm_groups": 8}
+
+
+def tiny_config_dict(**optim):
+    return {
+        "seed": 0,
+        "data": {"dataset": "shapes", "resolution": 16, "num_images": 64},
+        "model": dict(TINY_MODEL),
+        "schedule": {"kind": "linear", "num_timesteps": 100},
+        "optim": {"steps": 6, "batch_size": 4, "lr": 1e-3, "warmup_steps": 2, **optim},
+        "log": {"sample_every": 0, "checkpoint_every": 3, "num_samples": 4, "sample_steps": 3},
+    }
+
+
+@pytest.fixture
+def tiny_config():
+    from difflab.training import TrainConfig
+
+    return TrainConfig.from_dict(tiny_config_dict())

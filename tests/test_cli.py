@@ -1,0 +1,96 @@
+"""The command line: the happy path, and one clear line with exit status 2 for each bad input."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import tiny_config_dict
+from difflab.cli import main
+
+
+def run(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+        raise SystemExit(0)
+    captured = capsys.readouterr()
+    return exit_info.value.code or 0, captured.out, captured.err
+
+
+def assert_user_error(argv, capsys, match):
+    code, _, err = run(argv, capsys)
+    assert code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert match in err, err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    cfg = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config_dict()))
+    main(["train", "--config", str(cfg), "--out", str(out), "--no-progress"])
+    return out, cfg
+
+
+def test_train_and_sample(trained, tmp_path, capsys):
+    out, _ = trained
+    code, stdout, _ = run(["sample", "--model", str(out), "--steps", "4", "--num-images", "5", "--batch-size", "2",
+                           "--out", str(tmp_path / "grid.png"), "--no-progress"], capsys)
+    assert code == 0 and "wrote 5 samples" in stdout and "4 network evaluations" in stdout
+    assert Image.open(tmp_path / "grid.png").size[0] > 16
+
+
+def test_sample_seed_is_batch_independent(trained, tmp_path, capsys):
+    import numpy as np
+
+    out, _ = trained
+    for bs in (1, 3):
+        run(["sample", "--model", str(out), "--steps", "3", "--num-images", "3", "--batch-size", str(bs),
+             "--sampler", "ddim", "--eta", "1", "--out", str(tmp_path / f"g{bs}.png"), "--no-progress"], capsys)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "g1.png")), np.asarray(Image.open(tmp_path / "g3.png")))
+
+
+def test_bad_inputs(trained, tmp_path, capsys):
+    out, cfg = trained
+    bad_cfg = tmp_path / "bad.yaml"
+    bad_cfg.write_text("optim:\n  stepz: 3\n")
+    assert_user_error(["train", "--config", str(bad_cfg), "--out", str(tmp_path / "x")], capsys, "unknown config key optim.stepz")
+    assert_user_error(["train", "--steps", "-5", "--out", str(tmp_path / "x")], capsys, "optim.steps=-5")
+    assert_user_error(["train", "--dataset", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")], capsys, "nowhere")
+    (tmp_path / "empty").mkdir()
+    assert_user_error(["train", "--dataset", str(tmp_path / "empty"), "--out", str(tmp_path / "x")], capsys, "empty")
+    assert_user_error(["train", "--config", str(cfg), "--out", str(out)], capsys, "already holds a training run")
+    assert_user_error(["sample", "--model", str(tmp_path / "missing")], capsys, "does not exist")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.json").write_text("{}")
+    assert_user_error(["sample", "--model", str(tmp_path / "half")], capsys, "missing model.safetensors")
+    assert_user_error(["sample", "--model", str(out), "--sampler", "warp"], capsys, "valid names")
+    assert_user_error(["sample", "--model", str(out), "--eta", "1.5", "--out", str(tmp_path / "g.png")], capsys, "eta")
+    assert_user_error(["sample", "--model", str(out), "--steps", "0", "--out", str(tmp_path / "g.png")], capsys, "steps")
+    assert_user_error(["sample", "--model", str(out), "--steps", "101", "--sampler", "ddim", "--out", str(tmp_path / "g.png")], capsys, "100")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert_user_error(["sample", "--model", str(out), "--out", str(blocker / "g.png")], capsys, "cannot write")
+
+
+def test_other_architecture_in_model_dir(trained, tmp_path, capsys):
+    import json
+    import shutil
+
+    out, _ = trained
+    shutil.copytree(out, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["model"]["base_channels"] = 8
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    assert_user_error(["sample", "--model", str(tmp_path / "m")], capsys, "another model")
+
+
+def test_module_entry_point_and_help():
+    for cmd in ([sys.executable, "-m", "difflab", "train", "--help"], [sys.executable, "-m", "difflab", "sample", "--help"]):
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0
+        for flag in ("--out", "--steps"):
+            assert flag in done.stdout

@@ -1,0 +1,124 @@
+"""Trainer: it learns, resumes exactly, survives interrupts and never overwrites a run."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_config_dict
+from difflab.errors import UserError
+from difflab.pipelines.diffusion import DiffusionPipeline
+from difflab.training import TrainConfig, Trainer, TrainingInterrupted, train
+from difflab.training import checkpoint as ckpt
+
+
+def weights(out):
+    return load_file(str(out / "checkpoint" / "model.safetensors")), load_file(str(out / "checkpoint" / "ema.safetensors"))
+
+
+def assert_same_weights(a, b):
+    for wa, wb in zip(a, b):
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            assert torch.equal(wa[k], wb[k]), k
+
+
+def test_train_exports_a_pipeline(tmp_path, tiny_config):
+    result = train(tiny_config, tmp_path / "run", progress=False)
+    assert result.step == 6 and result.images_per_second > 0
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "run")
+    out = pipe(num_images=2, num_inference_steps=3, seed=0, progress=False)
+    assert len(out.images) == 2 and out.images[0].size == (16, 16) and out.nfe == 3
+    lines = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
+
+
+def test_loss_decreases_on_shapes(tmp_path):
+    cfg = TrainConfig.from_dict(tiny_config_dict(steps=60, batch_size=16))
+    cfg.log.checkpoint_every = 0
+    train(cfg, tmp_path / "run", progress=False)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:10]) / 10
+
+
+def test_resume_is_bitwise_exact(tmp_path, tiny_config):
+    train(tiny_config, tmp_path / "straight", progress=False)
+    half = TrainConfig.from_dict(tiny_config_dict(steps=3))
+    train(half, tmp_path / "resumed", progress=False)
+    train(tiny_config, tmp_path / "resumed", resume=True, progress=False)
+    assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "resumed"))
+
+
+def test_interrupt_saves_and_resume_matches(tmp_path, tiny_config, monkeypatch):
+    train(tiny_config, tmp_path / "straight", progress=False)
+    original = Trainer.train_step
+
+    def interrupted(self, step):
+        if step == 4:
+            raise KeyboardInterrupt
+        return original(self, step)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
+    with pytest.raises(TrainingInterrupted, match="step 4"):
+        train(tiny_config, tmp_path / "run", progress=False)
+    monkeypatch.setattr(Trainer, "train_step", original)
+    assert json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["step"] == 4
+    train(tiny_config, tmp_path / "run", resume=True, progress=False)
+    assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "run"))
+
+
+def test_crash_during_checkpoint_write_keeps_previous(tmp_path, tiny_config, monkeypatch):
+    trainer = Trainer(tiny_config, tmp_path)
+    trainer.train_step(0)
+    trainer.step = 1
+    trainer.save()
+    before = load_file(str(tmp_path / "checkpoint" / "model.safetensors"))
+    calls = {"n": 0}
+    real = ckpt.save_file
+
+    def failing(tensors, path, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return real(tensors, path, **kw)
+
+    monkeypatch.setattr(ckpt, "save_file", failing)
+    trainer.train_step(1)
+    trainer.step = 2
+    with pytest.raises(OSError):
+        trainer.save()
+    after = load_file(str(ckpt.find_checkpoint(tmp_path) / "model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not list(tmp_path.glob(".checkpoint-*"))
+
+
+def test_nan_loss_stops_with_clear_error(tmp_path, tiny_config, monkeypatch):
+    import difflab.training.trainer as tr
+
+    real = tr.diffusion_loss
+    monkeypatch.setattr(tr, "diffusion_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    with pytest.raises(UserError, match="NaN/Inf for 3 steps"):
+        train(tiny_config, tmp_path / "run", progress=False)
+
+
+def test_refuses_to_overwrite_or_resume_wrongly(tmp_path, tiny_config):
+    with pytest.raises(UserError, match="nothing to resume"):
+        train(tiny_config, tmp_path / "run", resume=True, progress=False)
+    train(tiny_config, tmp_path / "run", progress=False)
+    with pytest.raises(UserError, match="already holds a training run"):
+        train(tiny_config, tmp_path / "run", progress=False)
+    other = TrainConfig.from_dict({**tiny_config_dict(), "model": {**tiny_config_dict()["model"], "base_channels": 8}})
+    with pytest.raises(UserError, match="model.base_channels"):
+        train(other, tmp_path / "run", resume=True, progress=False)
+
+
+def test_config_validation():
+    with pytest.raises(UserError, match="unknown config key optim.stepz"):
+        TrainConfig.from_dict({"optim": {"stepz": 3}})
+    with pytest.raises(UserError, match="optim.steps=-1"):
+        TrainConfig.from_dict({"optim": {"steps": -1}})
+    with pytest.raises(UserError, match="must be a int"):
+        TrainConfig.from_dict({"optim": {"steps": "many"}})
+    with pytest.raises(UserError, match="objective.parameterization"):
+        TrainConfig.from_dict({"objective": {"parameterization": "score"}})
