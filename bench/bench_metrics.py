@@ -11,18 +11,16 @@ Data: ``../shared/data`` beside the repository (MNIST and CIFAR-10 test sets), o
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import resource
 import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from difflab.data.cifar10 import load_cifar10
 from difflab.metrics import GaussianStats, InceptionExtractor, extract_features, frechet_distance, prdc
 from difflab.metrics.domain import load_mnist, train_mnist_classifier
 from difflab.metrics.preprocess import inception_input
@@ -30,15 +28,13 @@ from difflab.metrics.preprocess import inception_input
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def load_cifar10(data: Path, indices: np.ndarray) -> np.ndarray:
-    """CIFAR-10 test images (uint8 N x 32 x 32 x 3) at ``indices`` of the sorted class/NNNN order."""
-    with zipfile.ZipFile(data / "cifar10" / "cifar10-test-jpeg.zip") as z:
-        names = sorted(n for n in z.namelist() if n.endswith(".jpg"))
-        return np.stack([np.asarray(Image.open(io.BytesIO(z.read(names[i]))).convert("RGB")) for i in indices])
+def cifar10_subset(data: Path, indices: np.ndarray) -> np.ndarray:
+    """CIFAR-10 test images (uint8 N x 32 x 32 x 3) at ``indices`` of the (class, NNNN) order."""
+    return load_cifar10(data / "cifar10", "test", None)[0][indices]
 
 
 def throughput(args: argparse.Namespace) -> dict:
-    images = load_cifar10(args.data, np.arange(args.n) * (10000 // args.n))
+    images = cifar10_subset(args.data, np.arange(args.n) * (10000 // args.n))
     ex = InceptionExtractor(args.weights)
     start = time.perf_counter()
     for i in range(0, len(images), args.batch_size):
@@ -73,8 +69,8 @@ def memory(args: argparse.Namespace) -> list[dict]:
 
 def known(args: argparse.Namespace) -> dict:
     step = 10000 // (2 * args.n)
-    a = load_cifar10(args.data, np.arange(args.n) * 2 * step)          # every class equally
-    b = load_cifar10(args.data, np.arange(args.n) * 2 * step + step)    # disjoint images, same classes
+    a = cifar10_subset(args.data, np.arange(args.n) * 2 * step)          # every class equally
+    b = cifar10_subset(args.data, np.arange(args.n) * 2 * step + step)    # disjoint images, same classes
     mnist = load_mnist(args.data / "mnist")[0][: args.n]
     ex = InceptionExtractor(args.weights)
     sets = {}

@@ -3,9 +3,7 @@
 from pathlib import Path
 
 import pytest
-import torch
-
-torch.set_num_threads(2)
+import torch  # noqa: F401
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -68,9 +68,10 @@ def test_bad_inputs(trained, tmp_path, capsys):
     (tmp_path / "half" / "config.json").write_text("{}")
     assert_user_error(["sample", "--model", str(tmp_path / "half")], capsys, "missing model.safetensors")
     assert_user_error(["sample", "--model", str(out), "--sampler", "warp"], capsys, "valid names")
-    assert_user_error(["sample", "--model", str(out), "--eta", "1.5", "--out", str(tmp_path / "g.png")], capsys, "eta")
-    assert_user_error(["sample", "--model", str(out), "--steps", "0", "--out", str(tmp_path / "g.png")], capsys, "steps")
-    assert_user_error(["sample", "--model", str(out), "--steps", "101", "--sampler", "ddim", "--out", str(tmp_path / "g.png")], capsys, "100")
+    one = ["--num-images", "1", "--out", str(tmp_path / "g.png")]
+    assert_user_error(["sample", "--model", str(out), "--eta", "1.5", *one], capsys, "eta")
+    assert_user_error(["sample", "--model", str(out), "--steps", "0", *one], capsys, "steps")
+    assert_user_error(["sample", "--model", str(out), "--steps", "101", "--sampler", "ddim", *one], capsys, "T=100")
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert_user_error(["sample", "--model", str(out), "--out", str(blocker / "g.png")], capsys, "cannot write")

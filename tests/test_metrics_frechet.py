@@ -52,7 +52,7 @@ def _gaussian_stats(rng: np.random.Generator, n: int, d: int, shift: float = 0.0
     return x.mean(axis=0), np.cov(x, rowvar=False)
 
 
-@pytest.mark.parametrize("n, d", [(2000, 64), (40, 64), (60, 256), (257, 256)])
+@pytest.mark.parametrize("n, d", [(2000, 64), (40, 64), (90, 128)])
 def test_matches_pytorch_fid(pytorch_fid_distance, n, d):
     """Full-rank (n >> d) and rank-deficient (n < d: near-singular product) covariances."""
     rng = np.random.default_rng(n * 1000 + d)

@@ -10,6 +10,8 @@ from difflab.errors import UserError
 from difflab.samplers import GRID_KINDS, check_grid, make_grid
 from difflab.schedules import NoiseSchedule
 
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 notice inside diffusers
+
 
 @pytest.mark.parametrize("kind", GRID_KINDS)
 @pytest.mark.parametrize("steps", [1, 2, 7, 50])

@@ -24,13 +24,19 @@ def assert_same_weights(a, b):
             assert torch.equal(wa[k], wb[k]), k
 
 
-def test_train_exports_a_pipeline(tmp_path, tiny_config):
-    result = train(tiny_config, tmp_path / "run", progress=False)
-    assert result.step == 6 and result.images_per_second > 0
-    pipe = DiffusionPipeline.from_pretrained(tmp_path / "run")
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """An uninterrupted 6-step run that the resume tests compare against."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    train(TrainConfig.from_dict(tiny_config_dict()), out, progress=False)
+    return out
+
+
+def test_train_exports_a_pipeline(straight_run):
+    pipe = DiffusionPipeline.from_pretrained(straight_run)
     out = pipe(num_images=2, num_inference_steps=3, seed=0, progress=False)
     assert len(out.images) == 2 and out.images[0].size == (16, 16) and out.nfe == 3
-    lines = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    lines = (straight_run / "log.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
 
 
@@ -42,16 +48,14 @@ def test_loss_decreases_on_shapes(tmp_path):
     assert sum(losses[-10:]) / 10 < 0.6 * sum(losses[:10]) / 10
 
 
-def test_resume_is_bitwise_exact(tmp_path, tiny_config):
-    train(tiny_config, tmp_path / "straight", progress=False)
+def test_resume_is_bitwise_exact(tmp_path, tiny_config, straight_run):
     half = TrainConfig.from_dict(tiny_config_dict(steps=3))
     train(half, tmp_path / "resumed", progress=False)
     train(tiny_config, tmp_path / "resumed", resume=True, progress=False)
-    assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "resumed"))
+    assert_same_weights(weights(straight_run), weights(tmp_path / "resumed"))
 
 
-def test_interrupt_saves_and_resume_matches(tmp_path, tiny_config, monkeypatch):
-    train(tiny_config, tmp_path / "straight", progress=False)
+def test_interrupt_saves_and_resume_matches(tmp_path, tiny_config, monkeypatch, straight_run):
     original = Trainer.train_step
 
     def interrupted(self, step):
@@ -65,7 +69,7 @@ def test_interrupt_saves_and_resume_matches(tmp_path, tiny_config, monkeypatch):
     monkeypatch.setattr(Trainer, "train_step", original)
     assert json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["step"] == 4
     train(tiny_config, tmp_path / "run", resume=True, progress=False)
-    assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "run"))
+    assert_same_weights(weights(straight_run), weights(tmp_path / "run"))
 
 
 def test_crash_during_checkpoint_write_keeps_previous(tmp_path, tiny_config, monkeypatch):
@@ -102,15 +106,14 @@ def test_nan_loss_stops_with_clear_error(tmp_path, tiny_config, monkeypatch):
         train(tiny_config, tmp_path / "run", progress=False)
 
 
-def test_refuses_to_overwrite_or_resume_wrongly(tmp_path, tiny_config):
+def test_refuses_to_overwrite_or_resume_wrongly(tmp_path, tiny_config, straight_run):
     with pytest.raises(UserError, match="nothing to resume"):
         train(tiny_config, tmp_path / "run", resume=True, progress=False)
-    train(tiny_config, tmp_path / "run", progress=False)
     with pytest.raises(UserError, match="already holds a training run"):
-        train(tiny_config, tmp_path / "run", progress=False)
+        train(tiny_config, straight_run, progress=False)
     other = TrainConfig.from_dict({**tiny_config_dict(), "model": {**tiny_config_dict()["model"], "base_channels": 8}})
     with pytest.raises(UserError, match="model.base_channels"):
-        train(other, tmp_path / "run", resume=True, progress=False)
+        train(other, straight_run, resume=True, progress=False)
 
 
 def test_config_validation():

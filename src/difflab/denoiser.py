@@ -3,7 +3,7 @@
 Samplers, losses and guidance only talk to a :class:`Denoiser`. Wrap any network or plain callable
 ``model_fn(x, t, **cond) -> prediction`` with its parameterization ("eps", "x0" or "v") and its
 schedule. ``t`` is the discrete index ``0 .. T-1`` as a float (fractional values allowed), passed to
-``model_fn`` as a float32 tensor of shape ``(B,)`` on the model's device; see :mod:`difflab.schedules`.
+``model_fn`` as a float32 tensor of shape ``(B,)`` on the model's device (float64 when ``x`` is float64); see :mod:`difflab.schedules`.
 """
 
 from __future__ import annotations
@@ -71,7 +71,8 @@ class Denoiser:
 
     def raw(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
         """One network evaluation, checked for shape and finiteness."""
-        pred = self.model_fn(x, t.to(device=x.device, dtype=torch.float32), **{**self.cond, **cond})
+        t_dtype = x.dtype if x.dtype == torch.float64 else torch.float32  # exact times for float64 reference models
+        pred = self.model_fn(x, t.to(device=x.device, dtype=t_dtype), **{**self.cond, **cond})
         self.nfe += 1
         if not isinstance(pred, Tensor) or pred.shape != x.shape:
             shape = tuple(pred.shape) if isinstance(pred, Tensor) else type(pred).__name__

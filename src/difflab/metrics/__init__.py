@@ -6,12 +6,12 @@ work on their own. Protocol and figures: docs/metrics.md.
 """
 
 from difflab.metrics.domain import DigitClassifier, DomainExtractor, train_digit_classifier, train_mnist_classifier
-from difflab.metrics.evaluate import METRICS, evaluate, parse_metrics
+from difflab.metrics.evaluation import METRICS, evaluate, parse_metrics
 from difflab.metrics.features import FeatureSet, InceptionExtractor, extract_features
 from difflab.metrics.frechet import frechet_distance
 from difflab.metrics.inception import FIDInceptionV3
-from difflab.metrics.inception_score import inception_score
-from difflab.metrics.prdc import density_coverage, prdc, precision_recall
+from difflab.metrics.iscore import inception_score
+from difflab.metrics.manifold import density_coverage, prdc, precision_recall
 from difflab.metrics.reference import reference_records
 from difflab.metrics.report import markdown_report, write_report
 from difflab.metrics.stats import GaussianStats, StatsRecord, load_stats

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from difflab.metrics.inception import FEATURE_DIM
+from difflab.metrics.inception import FEATURE_DIM, FIDInceptionV3
 from difflab.metrics.preprocess import ImageSource, batched, inception_input, iter_images
 from difflab.metrics.stats import GaussianStats
 from difflab.metrics.weights import find_inception_weights, load_fid_inception
@@ -43,10 +43,12 @@ class InceptionExtractor:
     feature_dim = FEATURE_DIM
     input_size = 299
 
-    def __init__(self, weights: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> None:
-        self.weights_path = find_inception_weights(weights)
+    def __init__(self, weights: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                 model: FIDInceptionV3 | None = None) -> None:
+        """Load the weights (see ``weights.find_inception_weights``), or wrap an already loaded ``model``."""
+        self.weights_path = find_inception_weights(weights) if model is None else None
         self.device = torch.device(device)
-        self.model = load_fid_inception(self.weights_path).to(self.device)
+        self.model = (model or load_fid_inception(self.weights_path)).to(self.device).eval()
         self.has_logits = self.model.has_logits
 
     @torch.no_grad()

@@ -32,9 +32,10 @@ ImageSource = str | os.PathLike | Tensor | np.ndarray | Image.Image | Iterable
 
 def quantize(x: Tensor | np.ndarray, value_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
     """Float image(s) in ``value_range`` -> uint8 by ``round(255 * clip((x - lo) / (hi - lo), 0, 1))``."""
-    arr = x.detach().cpu().double().numpy() if isinstance(x, Tensor) else np.asarray(x, dtype=np.float64)
+    arr = x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
     if arr.dtype == np.uint8:
         return arr
+    arr = arr.astype(np.float64)
     lo, hi = value_range
     unit = np.clip((arr - lo) / (hi - lo), 0.0, 1.0)
     return np.rint(unit * 255.0).astype(np.uint8)

@@ -56,7 +56,7 @@ class SelfAttention(nn.Module):
         tokens = to_tokens(self.norm(x))
         q, k, v = (split_heads(t, self.heads) for t in self.qkv(tokens).chunk(3, dim=-1))
         out = self.proj(merge_heads(F.scaled_dot_product_attention(q, k, v)))
-        return x + from_tokens(out, x)
+        return from_tokens(out, x).add_(x)
 
 
 class CrossAttention(nn.Module):
@@ -83,7 +83,7 @@ class CrossAttention(nn.Module):
         k, v = (split_heads(t, self.heads) for t in self.to_kv(context).chunk(2, dim=-1))
         attn_mask = None if context_mask is None else context_mask[:, None, None, :]
         out = self.proj(merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)))
-        return x + from_tokens(out, x)
+        return from_tokens(out, x).add_(x)
 
 
 def check_context(context: Tensor, mask: Tensor | None, batch: int, context_dim: int) -> Tensor | None:

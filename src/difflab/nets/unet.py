@@ -8,6 +8,8 @@ multi-head attention, several resolutions with attention), plus cross-attention 
     x -> conv_in -> [ResBlock (+Attention)] x n, Downsample   per level   (each output kept as a skip)
       -> ResBlock, Attention, ResBlock                        middle, lowest resolution
       -> [concat skip, ResBlock (+Attention)] x (n + 1), Upsample   per level, reversed
+         (the Upsample conv already maps to the finer level's width, so no wide conv runs at the
+         finer resolution)
       -> GroupNorm, SiLU, conv_out (initialised to zero, so training starts from a zero output)
 
 Example:
@@ -26,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from difflab.errors import UserError
 from difflab.nets.attention import CrossAttention, SelfAttention, check_context
-from difflab.nets.blocks import Downsample, ResBlock, Upsample, conv_nd, group_norm
+from difflab.nets.blocks import Downsample, ResBlock, Upsample, conv_nd, group_norm, silu
 from difflab.nets.embeddings import ClassEmbedding, TimestepEmbedding
 from difflab.nets.unet_config import UNetConfig
 
@@ -37,7 +39,13 @@ class UNetStage(nn.Module):
     """One UNet step: a ResBlock, then optional self-attention, then optional cross-attention."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, emb_dim: int, config: UNetConfig, attention: bool, dims: int
+        self,
+        in_channels: int,
+        out_channels: int,
+        emb_dim: int,
+        config: UNetConfig,
+        attention: bool,
+        dims: int,
     ) -> None:
         super().__init__()
         c = config
@@ -86,7 +94,8 @@ class UNet(nn.Module):
         emb_dim = 4 * config.base_channels
         self.time_embed = TimestepEmbedding(config.base_channels, emb_dim)
         self.class_embed = ClassEmbedding(config.num_classes, emb_dim) if config.num_classes else None
-        self.pooled_proj = nn.Linear(config.pooled_context_dim, emb_dim) if config.pooled_context_dim else None
+        pooled_dim = config.pooled_context_dim
+        self.pooled_proj = nn.Linear(pooled_dim, emb_dim) if pooled_dim else None
         self.conv_in = conv_nd(dims, config.in_channels, chans[0], 3, padding=1)
 
         def stage(cin: int, cout: int, attention: bool) -> UNetStage:
@@ -152,7 +161,7 @@ class UNet(nn.Module):
                 h = block(h)
             else:
                 h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context, mask)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(silu(self.norm_out(h)))
 
     def _run(
         self, block: UNetStage, h: Tensor, emb: Tensor, context: Tensor | None, mask: Tensor | None

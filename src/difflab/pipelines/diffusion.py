@@ -117,6 +117,9 @@ class DiffusionPipeline:
         """
         if num_images < 1:
             raise UserError(f"num_images must be >= 1, got {num_images}")
+        if not 1 <= num_inference_steps <= self.schedule.T:
+            raise UserError(f"num_inference_steps={num_inference_steps} is out of range: the model was trained with "
+                            f"T={self.schedule.T} steps; use 1 to {self.schedule.T}")
         name = sampler or self.sampler
         get_sampler(name)  # unknown names fail here, listing the valid ones
         if eta is not None:

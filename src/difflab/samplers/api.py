@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from difflab.denoiser import Denoiser, DenoiserOutput, as_denoiser
 from difflab.errors import UserError
 from difflab.noise import NoiseSource
+from difflab.samplers._common import check_eta
 from difflab.samplers.grids import check_grid, make_grid
 from difflab.samplers.registry import SamplerFn, get_sampler, sampler_options
 from difflab.schedules import NoiseSchedule
@@ -27,6 +28,7 @@ DEFAULT_GRIDS: dict[str, str] = {
     "pc": "uniform",
 }
 FALLBACK_GRID = "logsnr"  # every DPM-Solver variant, and samplers registered elsewhere
+
 
 class SampleResult(NamedTuple):
     """Final samples at the clean end t = -1, and the number of model evaluations spent."""
@@ -61,7 +63,7 @@ def expected_nfe(sampler: str, steps: int, **options: Any) -> int | None:
         return 2 * steps - 1
     if sampler in orders:
         return int(orders[sampler]) * (steps - 1) + 1
-    known = ("ddpm", "ddim", "euler", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde")
+    known = ("ddpm", "ddim", "euler", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc")
     return steps if sampler in known else None
 
 
@@ -71,6 +73,8 @@ def _check_options(fn: SamplerFn, name: str, options: dict[str, Any]) -> None:
     if unknown:
         listed = ", ".join(f"{k}={v!r}" for k, v in valid.items()) or "none"
         raise UserError(f"unknown option(s) {unknown} for sampler {name!r}; valid options: {listed}")
+    if "eta" in options:  # checked before any work starts (and before a progress bar is drawn)
+        check_eta(options["eta"])
 
 
 def sample(

@@ -17,9 +17,9 @@ from difflab.errors import UserError
 from difflab.metrics.domain import DigitClassifier, DomainExtractor
 from difflab.metrics.features import Extractor, FeatureSet, InceptionExtractor, extract_features
 from difflab.metrics.frechet import frechet_distance
-from difflab.metrics.inception_score import inception_score
+from difflab.metrics.iscore import inception_score
 from difflab.metrics.preprocess import ImageSource
-from difflab.metrics.prdc import prdc
+from difflab.metrics.manifold import prdc
 from difflab.metrics.reference import PROTOCOL, reference_records
 from difflab.metrics.stats import StatsRecord
 

@@ -1,0 +1,178 @@
+"""A noise-aware classifier ``p_phi(y | x_t, t)`` for classifier guidance (Dhariwal & Nichol 2021, sec. 4).
+
+The UNet's encoder half, built from the same stages (:class:`~difflab.nets.unet.UNetStage`, residual
+blocks conditioned on the timestep embedding, self-attention, stride-2 downsampling), followed by a
+pooling head: attention pooling (their choice) or global average pooling, then a linear layer to logits.
+
+    x_t -> conv_in -> [UNetStage x n, Downsample] per level -> middle stages -> norm, SiLU -> pool -> linear
+
+Example:
+    >>> import torch
+    >>> clf = NoisyClassifier(ClassifierConfig(in_channels=1, num_classes=10, base_channels=16, channel_mults=(1, 2)))
+    >>> clf(torch.randn(2, 1, 8, 8), torch.tensor([0.0, 500.0])).shape
+    torch.Size([2, 10])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from difflab.errors import UserError
+from difflab.nets.attention import merge_heads, num_heads_for, split_heads, to_tokens
+from difflab.nets.blocks import Downsample, conv_nd, group_norm
+from difflab.nets.embeddings import TimestepEmbedding
+from difflab.nets.unet import UNetStage, _timesteps
+from difflab.nets.unet_config import UNetConfig
+from difflab.pipelines.model_dir import load_weights, read_model_dir, save_model_dir
+
+MODEL_TYPE = "noisy_classifier"
+_ENCODER_FIELDS = ("in_channels", "base_channels", "channel_mults", "num_res_blocks", "attention_levels",
+                   "head_channels", "dropout", "norm_groups", "mid_attention")
+
+
+@dataclass
+class ClassifierConfig:
+    """Shape of a :class:`NoisyClassifier`; the encoder fields mean what they mean in :class:`UNetConfig`.
+
+    Attributes:
+        num_classes: number of output classes (logits).
+        pool: "attention" (a learned query attends over all positions) or "mean" (global average pool).
+    """
+
+    in_channels: int = 3
+    num_classes: int = 10
+    base_channels: int = 32
+    channel_mults: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int | tuple[int, ...] = 1
+    attention_levels: tuple[int, ...] = (1,)
+    head_channels: int = 32
+    dropout: float = 0.0
+    norm_groups: int = 32
+    mid_attention: bool = True
+    pool: Literal["attention", "mean"] = "attention"
+
+    def __post_init__(self) -> None:
+        self.channel_mults = tuple(int(m) for m in self.channel_mults)
+        self.attention_levels = tuple(int(i) for i in self.attention_levels)
+        if not isinstance(self.num_res_blocks, int):
+            self.num_res_blocks = tuple(int(n) for n in self.num_res_blocks)
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 2:
+            raise UserError(f"num_classes={self.num_classes!r} is invalid; a classifier needs an integer >= 2")
+        if self.pool not in ("attention", "mean"):
+            raise UserError(f"pool={self.pool!r} is invalid; use 'attention' or 'mean'")
+        self.encoder_config()  # validates the shared fields
+
+    def encoder_config(self) -> UNetConfig:
+        """The encoder's fields as a (validated) :class:`UNetConfig`, which the UNet stages read."""
+        return UNetConfig(**{name: getattr(self, name) for name in _ENCODER_FIELDS})
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict (tuples become lists); :meth:`from_dict` inverts it."""
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ClassifierConfig:
+        """Build from :meth:`to_dict` output; an unknown key raises ``UserError``."""
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in d if k not in valid]
+        if unknown:
+            raise UserError(f"unknown ClassifierConfig key {unknown[0]!r}; valid keys are: {', '.join(valid)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+class AttentionPool(nn.Module):
+    """Pool ``(B, C, *spatial)`` to ``(B, C)``: multi-head attention from one query token to all positions.
+
+    The query is the mean token plus a learned vector (a resolution-free variant of the attention pool
+    of Radford et al. 2021, used by Dhariwal & Nichol 2021 for their classifier).
+    """
+
+    def __init__(self, channels: int, head_channels: int) -> None:
+        super().__init__()
+        self.heads = num_heads_for(channels, head_channels)
+        self.query = nn.Parameter(torch.zeros(1, 1, channels))
+        self.to_q = nn.Linear(channels, channels)
+        self.to_kv = nn.Linear(channels, 2 * channels)
+        self.proj = nn.Linear(channels, channels)
+
+    def forward(self, h: Tensor) -> Tensor:
+        tokens = to_tokens(h)
+        mean = tokens.mean(dim=1, keepdim=True)
+        q = split_heads(self.to_q(mean + self.query), self.heads)
+        k, v = (split_heads(z, self.heads) for z in self.to_kv(tokens).chunk(2, dim=-1))
+        return self.proj(merge_heads(F.scaled_dot_product_attention(q, k, v)))[:, 0] + mean[:, 0]
+
+
+class NoisyClassifier(nn.Module):
+    """Classifier of noisy inputs: ``forward(x_t, t) -> logits`` (B, num_classes), t in index units."""
+
+    dims = 2
+
+    def __init__(self, config: ClassifierConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.extra_config: dict[str, Any] = {}
+        enc = config.encoder_config()
+        chans = [enc.base_channels * m for m in enc.channel_mults]
+        emb_dim = 4 * enc.base_channels
+        self.time_embed = TimestepEmbedding(enc.base_channels, emb_dim)
+        self.conv_in = conv_nd(self.dims, enc.in_channels, chans[0], 3, padding=1)
+        self.down = nn.ModuleList()
+        ch = chans[0]
+        for level, n_blocks in enumerate(enc.res_blocks_per_level()):
+            for _ in range(n_blocks):
+                self.down.append(UNetStage(ch, chans[level], emb_dim, enc, level in enc.attention_levels, self.dims))
+                ch = chans[level]
+            if level < len(chans) - 1:
+                self.down.append(Downsample(ch, self.dims))
+        self.mid = nn.ModuleList([UNetStage(ch, ch, emb_dim, enc, enc.mid_attention, self.dims),
+                                  UNetStage(ch, ch, emb_dim, enc, False, self.dims)])
+        self.norm_out = group_norm(ch, enc.norm_groups)
+        self.pool = AttentionPool(ch, enc.head_channels) if config.pool == "attention" else None
+        self.head = nn.Linear(ch, config.num_classes)
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.config.channel_mults) - 1)
+
+    def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
+        """Logits of ``p_phi(y | x_t, t)`` for ``x`` (B, in_channels, H, W) at index time ``t`` (scalar or (B,))."""
+        self._check_input(x)
+        emb = F.silu(self.time_embed(_timesteps(t, x.shape[0], x.device)))
+        h = self.conv_in(x)
+        for block in [*self.down, *self.mid]:
+            h = block(h) if isinstance(block, Downsample) else block(h, emb, None, None)
+        h = F.silu(self.norm_out(h))
+        pooled = self.pool(h) if self.pool is not None else h.flatten(2).mean(-1)
+        return self.head(pooled)
+
+    def _check_input(self, x: Tensor) -> None:
+        c, f = self.config.in_channels, self.downsample_factor
+        if x.dim() != 2 + self.dims or x.shape[1] != c:
+            raise UserError(f"classifier input has shape {tuple(x.shape)}; expected (B, {c}, H, W)")
+        if any(size % f for size in x.shape[2:]):
+            raise UserError(f"spatial size {tuple(x.shape[2:])} is not divisible by {f} (= 2 ** (levels - 1)); resize or pad")
+
+    # ----- persistence ----------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+        """Write ``config.json`` (model type, classifier config, ``extra`` such as the schedule) and weights."""
+        save_model_dir(Path(path), {"model_type": MODEL_TYPE, "classifier": self.config.to_dict(), **(extra or {})}, self)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> NoisyClassifier:
+        """Load a folder written by :meth:`save_pretrained`; ``model.extra_config`` holds the other keys."""
+        config, weights = read_model_dir(Path(path))
+        if config.get("model_type") != MODEL_TYPE:
+            raise UserError(f"{path} holds a {config.get('model_type', 'diffusion')!r} model, not a noise-aware classifier; "
+                            "train one with `difflab train-classifier`")
+        model = cls(ClassifierConfig.from_dict(config["classifier"]))
+        load_weights(model, weights, Path(path))
+        model.extra_config = {k: v for k, v in config.items() if k not in ("format", "model_type", "classifier")}
+        return model.to(device).eval()
