@@ -49,12 +49,15 @@ def throughput(args: argparse.Namespace) -> dict:
 
 
 def _stream(n: int, batch: int = 1000, dim: int = 2048) -> None:
+    """Stream n synthetic 2048-d feature rows through GaussianStats; print peak RSS before and after."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # imports (torch) included
     rng = np.random.default_rng(0)
     stats = GaussianStats(dim)
     for start in range(0, n, batch):
         stats.update(rng.standard_normal((min(batch, n - start), dim), dtype=np.float32))
     _ = stats.covariance
-    print(json.dumps({"n": n, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"n": n, "rss_after_imports_mb": round(before, 1), "peak_rss_mb": round(peak, 1)}))
 
 
 def memory(args: argparse.Namespace) -> list[dict]:

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from gmm_fixtures import mixture_2d, mixture_nd, pf_ode_reference, prior_noise  # noqa: E402
 
 from difflab.denoiser import Denoiser  # noqa: E402
-from difflab.samplers import expected_nfe, get_sampler, make_grid  # noqa: E402
+from difflab.samplers import expected_nfe, get_sampler, make_grid, optimize_grid, reference_solve  # noqa: E402
 from difflab.schedules import NoiseSchedule  # noqa: E402
 
 NFES = (5, 10, 20, 50)
@@ -38,8 +38,14 @@ OURS = {  # sampler -> grids tried
     "dpm_solver_3": ("logsnr", "karras"),
     "dpmpp_2m": ("logsnr", "karras", "uniform", "logsnr t_min=20"),
     "dpmpp_3m": ("logsnr", "karras", "logsnr t_min=20"),
+    "unipc": ("logsnr", "karras", "logsnr t_min=20"),
+    "unipc order=1 variant=bh1": ("logsnr", "logsnr t_min=20"),
+    "unipc order=3": ("logsnr", "karras"),
 }
-TUNED = "t_min="  # rows whose grid ends early: chosen on other mixtures, see docs/samplers.md
+TUNED_SAMPLERS = ("unipc", "dpmpp_2m")  # grids from optimize_grid on pilot noise, at TUNED_NFES
+TUNED_NFES = (5, 10, 20)
+PILOT_SEED, PILOT_N, MAX_EVALS = 1001, 64, 300
+T_MIN, TUNED = "t_min=", "tuned"  # t_min = 20 was chosen on other mixtures, see docs/samplers.md
 
 
 def diffusers_configs() -> dict[str, tuple[type, dict]]:
@@ -80,13 +86,35 @@ def steps_for(sampler: str, nfe: int) -> int:
     return n
 
 
-def run_ours(sampler: str, grid: str, nfe: int, mix, sched, x_T) -> tuple[torch.Tensor, int]:
-    """``grid`` is a kind, optionally followed by ' t_min=<t>'."""
+def parse_sampler(spec: str) -> tuple[str, dict]:
+    """'unipc order=3 variant=bh1' -> ('unipc', {'order': 3, 'variant': 'bh1'})."""
+    name, *opts = spec.split()
+    options = dict(o.split("=") for o in opts)
+    return name, {k: int(v) if v.isdigit() else v for k, v in options.items()}
+
+
+def run_ours(spec: str, grid: "str | torch.Tensor", nfe: int, mix, sched, x_T) -> tuple[torch.Tensor, int]:
+    """``grid`` is a kind, optionally followed by ' t_min=<t>', or an explicit grid."""
+    name, options = parse_sampler(spec)
     den = Denoiser(mix.eps_model(sched), sched)
-    kind, _, t_min = grid.partition(" t_min=")
-    timesteps = make_grid(sched, steps_for(sampler, nfe), kind, t_min=float(t_min or 0.0))
-    out = get_sampler(sampler)(den, x_T.clone(), timesteps, None)
+    if isinstance(grid, str):
+        kind, _, t_min = grid.partition(" t_min=")
+        grid = make_grid(sched, steps_for(name, nfe), kind, t_min=float(t_min or 0.0))
+    out = get_sampler(name)(den, x_T.clone(), grid, None, **options)
     return out, den.nfe
+
+
+def tuned_grids(spec: str, mix, sched) -> dict[int, torch.Tensor]:
+    """optimize_grid on PILOT_N pilot noises (seed PILOT_SEED, disjoint from the evaluation noise), per NFE.
+
+    The pilot reference is difflab's own reference_solve (UniPC-3, 500 steps), as a user without an
+    exact solution would run it; the exact solution is used only to score the evaluation noise.
+    """
+    name, options = parse_sampler(spec)
+    den = Denoiser(mix.eps_model(sched), sched)
+    pilot = prior_noise(PILOT_N, mix.means.shape[1], seed=PILOT_SEED)
+    ref = reference_solve(den, pilot)
+    return {k: optimize_grid(den, pilot, steps_for(name, k), name, reference=ref, max_evals=MAX_EVALS, **options) for k in TUNED_NFES}
 
 
 # ----- diffusers --------------------------------------------------------------------------------
@@ -135,6 +163,13 @@ def accuracy_table(n: int, dim: int) -> tuple[dict, dict]:
             for nfe in NFES:
                 y, used = run_ours(sampler, grid, nfe, mix, sched, x_T)
                 row[nfe] = (l2(y, ref), used)
+    for spec in TUNED_SAMPLERS:
+        tic = time.time()
+        row = ours.setdefault(f"{spec} [{TUNED}]", {})
+        for nfe, grid in tuned_grids(spec, mix, sched).items():
+            y, used = run_ours(spec, grid, nfe, mix, sched, x_T)
+            row[nfe] = (l2(y, ref), used)
+        print(f"tuning {spec}: {time.time() - tic:.0f} s", file=sys.stderr)
     theirs: dict[str, dict[int, tuple[float, int]]] = {}
     for name, (cls, cfg) in diffusers_configs().items():
         row = theirs.setdefault(name, {})
@@ -144,24 +179,30 @@ def accuracy_table(n: int, dim: int) -> tuple[dict, dict]:
     return ours, theirs
 
 
+def _cell(row: dict, k: int) -> str:
+    if k not in row:
+        return "—"
+    return f"{row[k][0]:.2e}" + ("" if row[k][1] == k else f" ({row[k][1]})")
+
+
+def _best(rows: dict, k: int) -> tuple[float, str]:
+    return min((row[k][0], name) for name, row in rows.items() if k in row)
+
+
 def markdown(ours: dict, theirs: dict) -> str:
     head = "| sampler | " + " | ".join(f"NFE {k}" for k in NFES) + " |\n|---|" + "---|" * len(NFES) + "\n"
-    lines = []
-    for lib, rows in (("difflab", ours), ("diffusers", theirs)):
-        for name, row in rows.items():
-            cells = [f"{row[k][0]:.2e}" + ("" if row[k][1] == k else f" ({row[k][1]})") for k in NFES]
-            lines.append(f"| {lib} {name} | " + " | ".join(cells) + " |")
-    default = {name: row for name, row in ours.items() if TUNED not in name}
-    groups = (("difflab (default grids)", default), ("difflab (incl. t_min=20)", ours), ("diffusers", theirs))
+    lines = [f"| {lib} {name} | " + " | ".join(_cell(row, k) for k in NFES) + " |"
+             for lib, rows in (("difflab", ours), ("diffusers", theirs)) for name, row in rows.items()]
+    default = {n: r for n, r in ours.items() if T_MIN not in n and TUNED not in n}
+    no_tuning = {n: r for n, r in ours.items() if TUNED not in n}
+    groups = (("difflab, default grids", default), ("difflab, incl. t_min=20", no_tuning),
+              ("difflab, incl. tuned grids", ours), ("diffusers", theirs))
     best = []
     for label, rows in groups:
-        cells = []
-        for k in NFES:
-            name = min(rows, key=lambda r: rows[r][k][0])
-            cells.append(f"{rows[name][k][0]:.2e} {name}")
+        cells = [f"{_best(rows, k)[0]:.2e} {_best(rows, k)[1]}" for k in NFES]
         best.append(f"| **best {label}** | " + " | ".join(cells) + " |")
-    for label, rows in groups[:2]:
-        ratio = [min(r[k][0] for r in rows.values()) / min(r[k][0] for r in theirs.values()) for k in NFES]
+    for label, rows in groups[:3]:
+        ratio = [_best(rows, k)[0] / _best(theirs, k)[0] for k in NFES]
         best.append(f"| **ratio {label} / diffusers** | " + " | ".join(f"{q:.2f}" for q in ratio) + " |")
     return head + "\n".join(lines + best)
 
@@ -175,7 +216,7 @@ def figure(path: Path, nfe: int = 10, n: int = 2000) -> None:
     sched, mix = NoiseSchedule.linear(1000), mixture_2d()
     x_T = prior_noise(n, 2, seed=2)
     panels = [("data (exact samples)", mix.sample(n, torch.Generator().manual_seed(3)))]
-    for sampler, grid in (("ddim", "uniform"), ("euler", "karras"), ("heun", "karras"), ("dpmpp_2m", "logsnr"), ("dpmpp_3m", "logsnr")):
+    for sampler, grid in (("ddim", "uniform"), ("heun", "karras"), ("dpmpp_2m", "logsnr"), ("unipc", "logsnr"), ("dpmpp_3m", "logsnr")):
         y, used = run_ours(sampler, grid, nfe, mix, sched, x_T)
         panels.append((f"{sampler} [{grid}], NFE {used}", y))
     fig, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.2), sharex=True, sharey=True)

@@ -8,7 +8,6 @@ test_metrics_inception.py and by the slow known-answer test at the end.
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
@@ -17,11 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
+import difflab.metrics.evaluation as evaluate_module
+import difflab.metrics.reference as reference_module
 from difflab.errors import UserError
 from difflab.metrics import evaluate, frechet_distance, inception_score, parse_metrics, prdc, write_report
 from difflab.metrics.preprocess import resize_bicubic, to_rgb
 
-evaluate_module = importlib.import_module("difflab.metrics.evaluation")
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -88,7 +88,6 @@ def test_reference_folder_is_cached_per_resolution(thumb, tmp_path, monkeypatch)
     for i, img in enumerate(_images(4, 12)):
         Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(ref_dir / f"{i}.png")
     cache = tmp_path / "cache"
-    reference_module = importlib.import_module("difflab.metrics.reference")
     calls = []
     real_extract = reference_module.extract_features
     monkeypatch.setattr(reference_module, "extract_features", lambda *a, **k: calls.append(1) or real_extract(*a, **k))
@@ -138,9 +137,9 @@ def test_report_json_and_markdown(thumb, tmp_path):
 def test_fid_orders_cifar_flipped_and_mnist():
     """Real Inception on 16 images per set: FID(set, itself) ~ 0 < FID(CIFAR, flipped) < FID(CIFAR, MNIST)."""
     from difflab.data.cifar10 import load_cifar10
+    from difflab.errors import UserError as _UserError
     from difflab.metrics.domain import load_mnist
     from difflab.metrics.features import InceptionExtractor, extract_features
-    from difflab.errors import UserError as _UserError
 
     if not DATA.is_dir():
         pytest.skip(f"shared test data not found at {DATA}")

@@ -19,13 +19,17 @@ import torch
 
 from difflab.data.cifar10 import load_cifar10
 from difflab.errors import UserError
-from difflab.metrics.domain import load_mnist
 from difflab.metrics import weights as weights_module
+from difflab.metrics.domain import load_mnist
 from difflab.metrics.features import InceptionExtractor
 from difflab.metrics.inception import FIDInceptionV3
 from difflab.metrics.preprocess import inception_input
-from difflab.metrics.weights import (PYTORCH_FID_FILE, convert_fid_helper_state_dict, find_inception_weights,
-                                     load_fid_inception)
+from difflab.metrics.weights import (
+    PYTORCH_FID_FILE,
+    convert_fid_helper_state_dict,
+    find_inception_weights,
+    load_fid_inception,
+)
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FIXTURE = Path(__file__).parent / "fixtures" / "metrics_pytorch_fid_inception_keys.json"

@@ -3,12 +3,11 @@ brute-force loops written from the papers' definitions (torchmetrics has no PRDC
 
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 import pytest
 import torch
 
+import difflab.metrics.manifold as manifold_module
 from difflab.errors import UserError
 from difflab.metrics.iscore import inception_score
 from difflab.metrics.manifold import density_coverage, knn_radii, prdc, precision_recall
@@ -89,7 +88,7 @@ def test_prdc_chunking_and_order_do_not_matter(monkeypatch):
     rng = np.random.default_rng(3)
     real, fake = rng.standard_normal((80, 10)), rng.standard_normal((70, 10)) + 0.2
     whole = prdc(real, fake)
-    monkeypatch.setattr(importlib.import_module("difflab.metrics.manifold"), "_CHUNK_ELEMENTS", 100)  # forces 1-2 rows per chunk
+    monkeypatch.setattr(manifold_module, "_CHUNK_ELEMENTS", 100)  # forces 1-2 rows per chunk
     assert prdc(real, fake) == whole
     assert prdc(real[::-1], fake[rng.permutation(70)]) == pytest.approx(whole, abs=1e-12)
 

@@ -8,8 +8,7 @@ import torch
 from PIL import Image
 
 from difflab.errors import UserError
-from difflab.metrics.preprocess import (batched, inception_input, iter_images, quantize, resize_bicubic,
-                                        to_rgb)
+from difflab.metrics.preprocess import batched, inception_input, iter_images, quantize, resize_bicubic, to_rgb
 
 
 def test_quantize_rounds_like_saving_a_png():

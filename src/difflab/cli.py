@@ -33,6 +33,9 @@ def cli() -> None:
 @click.option("--lr", type=float, help="AdamW learning rate (after warm-up).  [default: 2e-4]")
 @click.option("--seed", type=int, help="Seed of everything random.  [default: 0]")
 @click.option("--parameterization", type=click.Choice(["eps", "x0", "v"]), help="What the network predicts.  [default: eps]")
+@click.option("--conditioning", type=click.Choice(["none", "class", "text"]), help="Train unconditional, on class labels or on captions.  [default: none]")
+@click.option("--cond-dropout", type=float, help="Probability of the null condition in training (for classifier-free guidance).  [default: 0.1]")
+@click.option("--text-encoder", help="minilm (bundled), clip:/dir, t5:/dir, bert:/dir or a model folder.  [default: minilm]")
 @click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), help="Autocast precision.  [default: no]")
 @click.option("--sample-every", type=int, help="Steps between sample grids in OUT/samples (0: never).  [default: 500]")
 @click.option("--checkpoint-every", type=int, help="Steps between checkpoints (0: only at the end).  [default: 500]")
@@ -47,6 +50,7 @@ def train(config_path: str | None, out_dir: str, resume: bool, no_progress: bool
     keys = {"dataset": "data.dataset", "resolution": "data.resolution", "num_images": "data.num_images",
             "data_dir": "data.data_dir", "steps": "optim.steps", "batch_size": "optim.batch_size", "lr": "optim.lr",
             "seed": "seed", "parameterization": "objective.parameterization", "mixed_precision": "optim.mixed_precision",
+            "conditioning": "conditioning.kind", "cond_dropout": "conditioning.dropout", "text_encoder": "conditioning.text_encoder",
             "sample_every": "log.sample_every", "checkpoint_every": "log.checkpoint_every"}
     overrides = {keys[k]: v for k, v in flags.items() if v is not None}
     base = None
@@ -68,12 +72,20 @@ def train(config_path: str | None, out_dir: str, resume: bool, no_progress: bool
 @click.option("--num-images", type=int, default=16, show_default=True, help="Images to generate.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Image i uses seed SEED + i, whatever the batch.")
 @click.option("--eta", type=float, default=None, help="DDIM stochasticity in [0, 1] (0: deterministic).")
+@click.option("--class-label", default=None, help="Class of every image: an index or a class name (class-conditional models).")
+@click.option("--prompt", default=None, help="Text prompt (text-conditional models).")
+@click.option("--negative-prompt", default=None, help="What to steer away from (replaces the empty prompt in guidance).")
+@click.option("--guidance-scale", type=float, default=1.0, show_default=True, help="Classifier-free guidance w (1: plain conditional).")
+@click.option("--guidance-rescale", type=float, default=0.0, show_default=True, help="Guidance rescale phi in [0, 1] (Lin et al. 2023).")
+@click.option("--classifier", "classifier_dir", default=None, type=click.Path(), help="A noise-aware classifier folder (from `difflab train-classifier`) for classifier guidance.")
+@click.option("--classifier-scale", type=float, default=1.0, show_default=True, help="Classifier-guidance gradient scale s.")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Images per forward pass.")
 @click.option("--out", "out_path", default="grid.png", show_default=True, type=click.Path(dir_okay=False), help="PNG grid to write.")
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def sample(model_dir: str, sampler: str | None, steps: int, num_images: int, seed: int, eta: float | None,
-           batch_size: int, out_path: str, device: str, no_progress: bool) -> None:
+           class_label: str | None, prompt: str | None, negative_prompt: str | None, guidance_scale: float,
+           guidance_rescale: float, classifier_dir: str | None, classifier_scale: float, batch_size: int, out_path: str, device: str, no_progress: bool) -> None:
     """Sample images from a trained model into a PNG grid."""
     import torch
 
@@ -85,11 +97,19 @@ def sample(model_dir: str, sampler: str | None, steps: int, num_images: int, see
         raise UserError(f"--num-images and --batch-size must be >= 1, got {num_images} and {batch_size}")
     out = ensure_writable_file(Path(out_path))
     pipe = DiffusionPipeline.from_pretrained(model_dir, device=device)
+    classifier = None
+    if classifier_dir is not None:
+        from difflab.nets.classifier import NoisyClassifier
+
+        classifier = NoisyClassifier.from_pretrained(classifier_dir, device=device)
     started, chunks, nfe = time.perf_counter(), [], 0
     for first in range(0, num_images, batch_size):
         n = min(batch_size, num_images - first)
+        label = int(class_label) if class_label is not None and class_label.lstrip("-").isdigit() else class_label
         result = pipe(num_images=n, num_inference_steps=steps, sampler=sampler, eta=eta, seed=seed + first,
-                      progress=not no_progress)
+                      progress=not no_progress, class_labels=label, prompt=prompt, negative_prompt=negative_prompt,
+                      guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, classifier=classifier,
+                      classifier_scale=classifier_scale)
         chunks.append(result.samples)
         nfe = result.nfe
     samples = torch.cat(chunks)
@@ -97,6 +117,35 @@ def sample(model_dir: str, sampler: str | None, steps: int, num_images: int, see
     elapsed = time.perf_counter() - started
     click.echo(f"wrote {num_images} samples to {out} ({sampler or pipe.sampler}, {nfe} network evaluations per image, "
                f"{1000 * elapsed / num_images:.0f} ms per image)")
+
+
+@cli.command("train-classifier")
+@click.option("--dataset", default="shapes", show_default=True, help="A labelled dataset: shapes, digits, mnist, cifar10 or a folder with class subfolders.")
+@click.option("--resolution", type=int, default=None, help="Image size (must match the diffusion model's).")
+@click.option("--num-images", type=int, default=None, help="How many training images.")
+@click.option("--data-dir", default=None, help="Folder with the MNIST / CIFAR-10 files.")
+@click.option("--schedule", "schedule_kind", type=click.Choice(["linear", "cosine", "quadratic"]), default="linear", show_default=True, help="Noise schedule of the diffusion model to guide.")
+@click.option("--num-timesteps", type=int, default=1000, show_default=True, help="T of that schedule.")
+@click.option("--model", "model_dir", default=None, type=click.Path(), help="Take the schedule from this diffusion model folder instead.")
+@click.option("--steps", type=int, default=2000, show_default=True, help="Optimizer steps.")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Batch size.")
+@click.option("--lr", type=float, default=3e-4, show_default=True, help="AdamW learning rate.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of everything random.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder for the classifier.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def train_classifier_cmd(dataset: str, resolution: int | None, num_images: int | None, data_dir: str | None,
+                         schedule_kind: str, num_timesteps: int, model_dir: str | None, steps: int, batch_size: int,
+                         lr: float, seed: int, out_dir: str, no_progress: bool) -> None:
+    """Train a noise-aware classifier p(y | x_t, t) for classifier guidance."""
+    from difflab.pipelines.model_dir import read_model_dir
+    from difflab.training.classifier import train_classifier
+
+    schedule = {"kind": schedule_kind, "num_timesteps": num_timesteps}
+    if model_dir is not None:
+        schedule = read_model_dir(Path(model_dir))[0]["schedule"]
+    result = train_classifier(dataset, schedule, out_dir, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                              resolution=resolution, data_dir=data_dir, num_images=num_images, progress=not no_progress)
+    click.echo(f"trained the classifier for {result.step} steps (final loss {result.loss:.4f}); written to {result.out_dir}")
 
 
 @cli.command()

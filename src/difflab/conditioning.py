@@ -105,7 +105,8 @@ def pair_conditions(cond: Mapping[str, Any], uncond: Mapping[str, Any], batch: i
     for key, value in cond.items():
         other = uncond[key].to(device=value.device, dtype=value.dtype)
         if other.shape[1:] != value.shape[1:]:
-            raise UserError(f"condition {key!r}: cond rows have shape {tuple(value.shape[1:])}, uncond rows {tuple(other.shape[1:])}; they must match")
+            raise UserError(f"condition {key!r}: cond rows have shape {tuple(value.shape[1:])}, "
+                            f"uncond rows {tuple(other.shape[1:])}; they must match")
         paired[key] = torch.cat([value, other])
     return paired
 

@@ -51,7 +51,8 @@ def _check_scale(name: str, value: float, hint: str) -> float:
 class GuidedDenoiser(Denoiser):
     """A denoiser built on another one: it shares the inner denoiser's schedule, model and NFE counter."""
 
-    def __init__(self, denoiser: Denoiser) -> None:  # noqa: D107 - no Denoiser.__init__: state lives in the inner one
+    def __init__(self, denoiser: Denoiser) -> None:
+        # Denoiser.__init__ is not called: the model, schedule and NFE counter live in the inner denoiser.
         if not isinstance(denoiser, Denoiser):
             raise UserError(f"guidance wraps a Denoiser, got {type(denoiser).__name__}; use Denoiser(model_fn, schedule)")
         self.denoiser = denoiser
@@ -95,6 +96,10 @@ def rescale_guidance(guided: Tensor, cond: Tensor, phi: float) -> Tensor:
     dims = tuple(range(1, guided.ndim))
     factor = cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
     return guided * (phi * factor + (1.0 - phi))
+
+
+def _on(cond: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {k: v.to(device) for k, v in cond.items()}
 
 
 def noise_level(schedule: NoiseSchedule, t: Tensor) -> Tensor:
@@ -143,9 +148,11 @@ class CFGDenoiser(GuidedDenoiser):
         self.interval, self.interval_unit = self._check_interval(interval, interval_unit)
         if any(isinstance(v, Tensor) for v in denoiser.cond.values()):
             raise UserError("the wrapped Denoiser carries condition tensors; pass them as cond=/uncond= to CFGDenoiser instead")
-        num_classes = num_classes if num_classes is not None else getattr(getattr(denoiser.model_fn, "config", None), "num_classes", None)
+        if num_classes is None:
+            num_classes = getattr(getattr(denoiser.model_fn, "config", None), "num_classes", None)
         self.branch_cond = self._checked(dict(cond), num_classes, allow_null=False)
-        self.branch_uncond = self._checked(self._default_uncond(dict(cond)) if uncond is None else dict(uncond), num_classes, allow_null=True)
+        uncond = self._default_uncond(dict(cond)) if uncond is None else dict(uncond)
+        self.branch_uncond = self._checked(uncond, num_classes, allow_null=True)
 
     @staticmethod
     def _check_interval(interval: tuple[float, float] | None, unit: str) -> tuple[tuple[float, float] | None, str]:
@@ -194,8 +201,8 @@ class CFGDenoiser(GuidedDenoiser):
         active = self._active(t)
         w, batch = self.guidance_scale, x.shape[0]
         if w == 1.0 or not bool(active.any()):
-            return self.denoiser(x, t, **shared, **expand_conditions(self.branch_cond, batch))
-        paired = pair_conditions(self.branch_cond, self.branch_uncond, batch)
+            return self.denoiser(x, t, **shared, **_on(expand_conditions(self.branch_cond, batch), x.device))
+        paired = _on(pair_conditions(self.branch_cond, self.branch_uncond, batch), x.device)
         out = self.denoiser(torch.cat([x, x]), t.repeat(2), **repeat_conditions(shared, batch), **paired)
         (x0_c, _), (eps_c, eps_u) = out.x0.chunk(2), out.eps.chunk(2)
         alpha, sigma = out.alpha[:batch], out.sigma[:batch]
@@ -203,8 +210,9 @@ class CFGDenoiser(GuidedDenoiser):
         x0 = x0_from_eps(x, eps, alpha, sigma)
         if self.rescale > 0.0:
             space = self.rescale_space
-            guided = rescale_guidance(target_for(space, x0, eps, alpha, sigma), target_for(space, x0_c, eps_c, alpha, sigma), self.rescale)
-            x0, eps = prediction_to_x0_eps(guided, space, x, alpha, sigma)
+            guided = target_for(space, x0, eps, alpha, sigma)
+            conditional = target_for(space, x0_c, eps_c, alpha, sigma)
+            x0, eps = prediction_to_x0_eps(rescale_guidance(guided, conditional, self.rescale), space, x, alpha, sigma)
         if not bool(active.all()):
             keep = active.to(x.device).reshape(-1, *([1] * (x.ndim - 1)))
             x0, eps = torch.where(keep, x0, x0_c), torch.where(keep, eps, eps_c)
@@ -238,7 +246,9 @@ class ClassifierGuidedDenoiser(GuidedDenoiser):
         super().__init__(denoiser)
         self.classifier = classifier
         self.scale = _check_scale("classifier scale", scale, "use 0 (no guidance) or a positive gradient scale, e.g. 1-10")
-        self.num_classes = num_classes if num_classes is not None else getattr(getattr(classifier, "config", None), "num_classes", None)
+        if num_classes is None:
+            num_classes = getattr(getattr(classifier, "config", None), "num_classes", None)
+        self.num_classes = num_classes
         self.labels = check_labels(labels, self.num_classes, what="classifier labels")
         self.classifier_calls = 0
 

@@ -18,8 +18,8 @@ from difflab.metrics.domain import DigitClassifier, DomainExtractor
 from difflab.metrics.features import Extractor, FeatureSet, InceptionExtractor, extract_features
 from difflab.metrics.frechet import frechet_distance
 from difflab.metrics.iscore import inception_score
-from difflab.metrics.preprocess import ImageSource
 from difflab.metrics.manifold import prdc
+from difflab.metrics.preprocess import ImageSource
 from difflab.metrics.reference import PROTOCOL, reference_records
 from difflab.metrics.stats import StatsRecord
 
@@ -64,14 +64,27 @@ def _warn(messages: list[str], text: str) -> None:
     warnings.warn(text, UserWarning, stacklevel=3)
 
 
-def _input_warnings(fs: FeatureSet, what: str, messages: list[str]) -> None:
-    if len(fs.sizes) > 1:
-        _warn(messages, f"{what} images come in {len(fs.sizes)} sizes {sorted(fs.sizes)}; each was resized on its "
+def _input_warnings(sizes: dict[str, int], channels: dict[str, int], what: str, grey_matters: bool,
+                    messages: list[str]) -> None:
+    if len(sizes) > 1:
+        _warn(messages, f"{what} images come in {len(sizes)} sizes {sorted(sizes)}; each was resized on its "
                         "own to the network size with PIL bicubic (clean-fid protocol)")
-    if fs.channels.get(1):
-        _warn(messages, f"{fs.channels[1]} greyscale {what} images were repeated to 3 channels for Inception")
-    if fs.channels.get(4):
-        _warn(messages, f"{fs.channels[4]} {what} images had an alpha channel, which was dropped")
+    if grey_matters and channels.get("1"):
+        _warn(messages, f"{channels['1']} greyscale {what} images were repeated to 3 channels for Inception")
+    if channels.get("4"):
+        _warn(messages, f"{channels['4']} {what} images had an alpha channel, which was dropped")
+
+
+def _collect_warnings(names: list[str], gen: FeatureSet, refs: dict[str, StatsRecord],
+                      grey_matters: bool) -> list[str]:
+    """Warnings about the inputs (sizes, channels) and about sample sizes too small for stable estimates."""
+    messages: list[str] = []
+    _input_warnings(gen.sizes, {str(k): v for k, v in gen.channels.items()}, "generated", grey_matters, messages)
+    if "inception" in refs:
+        meta = refs["inception"].metadata
+        _input_warnings(meta.get("sizes", {}), meta.get("channels", {}), "reference", True, messages)
+    _size_warnings(names, gen.count, refs, messages)
+    return messages
 
 
 def _size_warnings(names: list[str], n_gen: int, refs: dict[str, StatsRecord], messages: list[str]) -> None:
@@ -168,10 +181,8 @@ def evaluate(images: ImageSource, metrics: str | Sequence[str] = ("fid",),
                                     cache_dir=cache_dir, name=reference_name, batch_size=batch_size,
                                     value_range=value_range, progress=progress)
         refs = dict(zip(ref_spaces, records))
-    messages: list[str] = []
     first = next(iter(gen_sets.values()))
-    _input_warnings(first, "generated", messages)
-    _size_warnings(names, first.count, refs, messages)
+    messages = _collect_warnings(names, first, refs, grey_matters="inception" in spaces)
     results: dict[str, dict[str, Any]] = {}
     for space, fs in gen_sets.items():
         prefix = "domain_" if space == "domain" else ""

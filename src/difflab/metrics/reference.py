@@ -85,7 +85,8 @@ def reference_records(reference: ImageSource | StatsRecord, extractors: Sequence
                             keep_features=keep_features, progress=progress, desc="reference")
     records = []
     for fs, path in zip(sets, paths):
-        meta = {"extractor": fs.extractor, "protocol": PROTOCOL, "name": name, "sizes": fs.sizes}
+        meta = {"extractor": fs.extractor, "protocol": PROTOCOL, "name": name, "sizes": fs.sizes,
+                "channels": {str(k): v for k, v in fs.channels.items()}}
         if path is not None:
             fs.stats.save(path, metadata=meta, features=fs.features)
         records.append(fs.stats.record(meta, fs.features))

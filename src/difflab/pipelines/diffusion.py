@@ -16,8 +16,10 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from difflab.conditioner import Conditioner
 from difflab.data.images import tensor_to_pil
 from difflab.denoiser import Denoiser
+from difflab.guidance import CFGDenoiser, ClassifierGuidedDenoiser
 from difflab.errors import UserError
 from difflab.nets.unet import UNet
 from difflab.nets.unet_config import UNetConfig
@@ -48,6 +50,7 @@ class DiffusionPipeline:
         *,
         resolution: int,
         sampler: str = "ddim",
+        conditioner: Conditioner | None = None,
         extra_config: dict[str, Any] | None = None,
     ) -> None:
         self.unet = unet.eval()
@@ -55,6 +58,7 @@ class DiffusionPipeline:
         self.parameterization = parameterization
         self.resolution = resolution
         self.sampler = sampler
+        self.conditioner = conditioner or Conditioner("none")
         self.extra_config = dict(extra_config or {})
 
     # ----- persistence ----------------------------------------------------------------------
@@ -65,6 +69,7 @@ class DiffusionPipeline:
             "parameterization": self.parameterization,
             "resolution": self.resolution,
             "sampler": self.sampler,
+            "conditioning": self.conditioner.to_config(),
             **self.extra_config,
         }
 
@@ -75,13 +80,17 @@ class DiffusionPipeline:
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "DiffusionPipeline":
         config, weights = read_model_dir(Path(path))
+        if config.get("model_type", "diffusion") != "diffusion":
+            raise UserError(f"{path} holds a {config['model_type']!r} model, not a diffusion model"
+                            + ("; pass it with --classifier / classifier=" if config["model_type"] == "noisy_classifier" else ""))
         try:
             unet = UNet(UNetConfig.from_dict(config["model"]))
             schedule = NoiseSchedule.from_config(config["schedule"])
-            known = {"model", "schedule", "parameterization", "resolution", "sampler", "format"}
+            known = {"model", "schedule", "parameterization", "resolution", "sampler", "format", "conditioning"}
             extra = {k: v for k, v in config.items() if k not in known}
             pipe = cls(unet, schedule, config.get("parameterization", "eps"), resolution=int(config["resolution"]),
-                       sampler=config.get("sampler", "ddim"), extra_config=extra)
+                       sampler=config.get("sampler", "ddim"), conditioner=Conditioner.from_config(config.get("conditioning")),
+                       extra_config=extra)
         except KeyError as err:
             raise UserError(f"{Path(path) / 'config.json'} lacks the key {err}; re-export the model from its training run") from None
         load_weights(unet, weights, Path(path))
@@ -95,11 +104,30 @@ class DiffusionPipeline:
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
-    def denoiser(self) -> Denoiser:
-        return Denoiser(self.unet, self.schedule, self.parameterization)
+    def denoiser(self, batch: int = 1, class_labels: Any = None, prompt: Any = None, negative_prompt: Any = None,
+                 guidance_scale: float = 1.0, guidance_rescale: float = 0.0,
+                 guidance_interval: tuple[float, float] | None = None, classifier: Any = None,
+                 classifier_scale: float = 1.0) -> Denoiser:
+        """The model as a denoiser: classifier-free guided (Ho & Salimans 2022) for a conditional model,
+        then classifier guided (Dhariwal & Nichol 2021) when a noise-aware ``classifier`` is given."""
+        denoiser = Denoiser(self.unet, self.schedule, self.parameterization)
+        own_labels = class_labels if self.conditioner.kind == "class" or classifier is None else None
+        cond, uncond = self.conditioner.sampling_kwargs(batch, own_labels, prompt, negative_prompt)
+        if cond:
+            device = self.device
+            denoiser = CFGDenoiser(denoiser, {k: v.to(device) for k, v in cond.items()},
+                                   {k: v.to(device) for k, v in uncond.items()}, guidance_scale,
+                                   rescale=guidance_rescale, interval=guidance_interval, num_classes=self.conditioner.num_classes)
+        elif guidance_scale != 1.0:
+            raise UserError("guidance_scale needs a conditional model (trained with --conditioning class or text)")
+        if classifier is not None:
+            if class_labels is None:
+                raise UserError("classifier guidance needs the class to steer towards; pass class_labels / --class-label")
+            denoiser = ClassifierGuidedDenoiser(denoiser, classifier.to(self.device), class_labels, classifier_scale)
+        return denoiser
 
     # ----- sampling -------------------------------------------------------------------------
-    @torch.inference_mode()
+    @torch.no_grad()
     def __call__(
         self,
         num_images: int = 1,
@@ -109,11 +137,24 @@ class DiffusionPipeline:
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         seed: int | None = None,
         progress: bool = True,
+        *,
+        class_labels: Any = None,
+        prompt: str | Sequence[str] | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        guidance_scale: float = 1.0,
+        guidance_rescale: float = 0.0,
+        guidance_interval: tuple[float, float] | None = None,
+        classifier: Any = None,
+        classifier_scale: float = 1.0,
         **sampler_options: Any,
     ) -> PipelineOutput:
         """Sample ``num_images`` images; image i uses seed ``seed + i`` (or ``generator[i]``).
 
-        ``eta`` is passed to samplers that take it (DDIM). Other keyword options go to the sampler.
+        ``class_labels`` (one or one per image; ints or class names) or ``prompt`` / ``negative_prompt``
+        condition a conditional model; ``guidance_scale`` w > 1 applies classifier-free guidance,
+        ``guidance_rescale`` (phi, Lin et al. 2023) and ``guidance_interval`` ((lo, hi) in index time)
+        refine it. ``classifier`` (a :class:`~difflab.nets.classifier.NoisyClassifier` or its folder) with
+        ``classifier_scale`` s adds classifier guidance towards ``class_labels``. ``eta`` is passed to samplers that take it (DDIM). Other keyword options go to the sampler.
         """
         if num_images < 1:
             raise UserError(f"num_images must be >= 1, got {num_images}")
@@ -129,7 +170,13 @@ class DiffusionPipeline:
         noise = NoiseSource.from_any(generator, num_images)
         shape = (self.unet.config.in_channels, self.resolution, self.resolution)
         x_T = noise.randn(shape, device=self.device)
-        result = sample(self.denoiser(), x_T, sampler=name, steps=num_inference_steps, generator=noise,
+        if isinstance(classifier, (str, Path)):
+            from difflab.nets.classifier import NoisyClassifier
+
+            classifier = NoisyClassifier.from_pretrained(classifier)
+        denoiser = self.denoiser(num_images, class_labels, prompt, negative_prompt, guidance_scale, guidance_rescale,
+                                 guidance_interval, classifier, classifier_scale)
+        result = sample(denoiser, x_T, sampler=name, steps=num_inference_steps, generator=noise,
                         progress=progress, **sampler_options)
         samples = result.samples.clamp(-1, 1).float().cpu()
         return PipelineOutput(images=tensor_to_pil(samples), samples=samples, nfe=result.nfe)

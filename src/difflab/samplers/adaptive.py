@@ -150,7 +150,8 @@ def dopri5(
         nfev += 6
         norm = _rms(err / (atol + rtol * torch.maximum(y.abs(), y_new.abs())))
         ok = (norm < 1.0) & ~done  # NaN norms compare False: rejected
-        last = ok & (h_step.abs() >= remaining)
+        # the step reaches the end, up to rounding of s (a leftover of a few ulps would be a zero step)
+        last = ok & (remaining - h_step.abs() <= 1e-13 * torch.maximum(s.abs(), s_end.abs()).clamp_min(1.0))
         okb = broadcast_to(ok, y).bool()
         y, k1 = torch.where(okb, y_new, y), torch.where(okb, k_new, k1)
         s = torch.where(last, s_end, torch.where(ok, s + h_step, s))

@@ -3,17 +3,18 @@
 On a step t -> s with h = lambda_s - lambda_t the exact PF-ODE solution is
 x_s = (sigma_s / sigma_t) x_t + alpha_s int_0^h e^{u - h} x0(lambda_t + u) du (Lu et al. 2022b, eq. 8).
 Taylor-expanding x0 gives x_s = (sigma_s/sigma_t) x_t + alpha_s sum_k h^{k+1} phi_{k+1}(-h) x0^(k), with
-phi_1(z) = (e^z - 1)/z and phi_{k+1}(z) = (phi_k(z) - 1/k!)/z (Zhao et al. 2023, eq. 6 and app. A).
+phi_1(z) = (e^z - 1)/z and phi_{k+1}(z) = (phi_k(z) - 1/k!)/z (Zhao et al. 2023, sec. 3; the phi functions
+of exponential integrators, Hochbruck & Ostermann 2010).
 
-UniPC writes every term beyond the first as one sum of scaled differences (Zhao et al. 2023, eq. 8-9):
+UniPC writes every term beyond the first as one sum of scaled differences (Zhao et al. 2023, sec. 3):
 x_s = (sigma_s/sigma_t) x_t + alpha_s (1 - e^{-h}) m_0 + alpha_s B(h) sum_m a_m D_m / r_m,
 D_m = m_{r_m} - m_0, r_m = (lambda_m - lambda_t) / h, where a solves sum_m a_m r_m^{k-1} = h k! phi_{k+1}(-h)
-/ B(h) for k = 1..K (their R_p a_p = g_p / B, Theorem 3.1). B(h) = h ("bh1") or 1 - e^{-h} ("bh2");
+/ B(h) for k = 1..K (their linear system R_p a_p = g_p / B). B(h) = h ("bh1") or 1 - e^{-h} ("bh2");
 with one difference a_1 = 1/2 (their choice), which for bh2 is DPM-Solver++(2M).
 
 UniP-p (predictor) uses the last p model outputs; UniC-p (corrector) reruns the same step with the
 model output at the predicted point added (r = 1), which every multistep solver evaluates anyway: one
-order more at no extra NFE (Zhao et al. 2023, Alg. 1-3; UniPC-p has order p + 1). The output at the
+order more at no extra NFE (Zhao et al. 2023: UniPC-p has order p + 1). The output at the
 predicted point is kept as history (their "m_t" is not re-evaluated after correcting). NFE = N.
 """
 
@@ -28,7 +29,7 @@ from difflab.denoiser import Denoiser
 from difflab.errors import UserError
 from difflab.noise import NoiseSource
 from difflab.samplers._common import Point, steps
-from difflab.samplers.dpm_solver_pp import History, _step_order
+from difflab.samplers.dpm_solver_pp import History
 from difflab.samplers.registry import register_sampler
 
 VARIANTS = ("bh1", "bh2")
@@ -51,7 +52,7 @@ def _b(h: float, variant: str) -> float:
 
 
 def unified_update(x: Tensor, base: tuple[float, Tensor], others: History, cur: Point, nxt: Point, variant: str) -> Tensor:
-    """x at ``nxt`` from x at ``cur`` = ``base[0]`` with model outputs ``base`` and ``others`` (Zhao et al. eq. 8-9).
+    """x at ``nxt`` from x at ``cur`` = ``base[0]`` with model outputs ``base`` and ``others`` (module docstring).
 
     ``others`` are (lambda, x0) pairs: earlier points for the predictor, plus the new point for the corrector.
     """
@@ -84,7 +85,8 @@ def unipc(
 ) -> Tensor:
     """Run UniPC-``order`` (UniP-``order`` predictor, UniC corrector) over the grid; NFE = N.
 
-    Into the clean end (lambda = +inf) the data-prediction step returns the x0 prediction m at the predicted
+    ``lower_order_final``: step i of n uses order at most n - i, whatever n (as UniPC's reference code; the
+    last steps are the longest in lambda, where extrapolating far-back outputs costs most). Into the clean end (lambda = +inf) the data-prediction step returns the x0 prediction m at the predicted
     state x^; with ``corrected_final`` it takes the Euler step of dx~/ds = eps from the corrected state x^c
     instead, reusing eps at x^ (as UniC reuses it): x_0 = x^c / alpha - s eps(x^) = m + (x^c - x^) / alpha.
     Without it (``corrected_final=False``) the last correction is lost, as in Zhao et al.'s algorithm.
@@ -105,7 +107,7 @@ def unipc(
         hist = [*hist, (cur.lam, x0)][-order:]
         if nxt.clean:
             return x0 + (x - x_pred) / cur.alpha if corrected_final else x0
-        k = _step_order(order, len(hist), i, n, lower_order_final)
+        k = min(order, len(hist), n - i) if lower_order_final else min(order, len(hist))
         last = (x, cur, hist[-k:])
         x = unified_update(x, hist[-1], hist[-k:-1], cur, nxt, variant)
     return x
@@ -122,5 +124,5 @@ def unipc_sampler(
     variant: str = "bh2",
     lower_order_final: bool = True,
 ) -> Tensor:
-    """UniPC-``order`` (order + 1 accurate), Zhao et al. 2023, Alg. 3 in data prediction, B(h) by ``variant``; NFE = N."""
+    """UniPC-``order`` (accuracy order + 1), Zhao et al. 2023, data prediction, B(h) by ``variant``; NFE = N."""
     return unipc(denoiser, x, timesteps, order, variant, lower_order_final)

@@ -10,7 +10,7 @@ from difflab.training.config import TrainConfig, load_config
 from difflab.training.trainer import Trainer, TrainingInterrupted, TrainResult
 
 # Sections that fix what is being trained; a resumed run must match them exactly.
-FROZEN_SECTIONS = ("data", "model", "schedule", "objective", "seed")
+FROZEN_SECTIONS = ("data", "model", "schedule", "objective", "conditioning", "seed")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from difflab.data import build_dataset
 from difflab.errors import UserError
+from difflab.noise import seeded_generator
 from difflab.nets.classifier import ClassifierConfig, NoisyClassifier
 from difflab.pipelines.model_dir import ensure_writable_dir
 from difflab.process import q_sample
@@ -37,13 +38,6 @@ class ClassifierTrainResult:
     loss: float  # exponential moving average of the training loss
     accuracy: float  # moving average of the training accuracy (over all noise levels)
     out_dir: Path
-
-
-def seeded_generator(seed: int, *keys: int) -> torch.Generator:
-    """A CPU generator seeded by ``(seed, *keys)`` (same mixing as the diffusion trainer)."""
-    for k in keys:
-        seed = (seed * 1_000_003 + k) % (2**63 - 1)
-    return torch.Generator().manual_seed(seed)
 
 
 def _check_positive(name: str, value: Any, kind: type = int) -> None:
@@ -67,7 +61,9 @@ def _build_model(dataset: Any, model: ClassifierConfig | dict[str, Any] | None, 
         return NoisyClassifier(config)
 
 
-def training_batch(dataset: Any, schedule: NoiseSchedule, seed: int, step: int, batch_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def training_batch(
+    dataset: Any, schedule: NoiseSchedule, seed: int, step: int, batch_size: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(x_0, labels, t, noise) of ``step``: indices drawn with replacement, t uniform, all from (seed, step)."""
     g = seeded_generator(seed, 3, step)
     idx = torch.randint(0, len(dataset), (batch_size,), generator=g)
@@ -105,7 +101,9 @@ def train_classifier(
     for name, value, kind in (("steps", steps, int), ("batch_size", batch_size, int), ("lr", lr, float)):
         _check_positive(name, value, kind)
     schedule = schedule if isinstance(schedule, NoiseSchedule) else NoiseSchedule.from_config(schedule)
-    ds = build_dataset(dataset, resolution, data_dir=data_dir, num_images=num_images, seed=seed) if isinstance(dataset, str) else dataset
+    ds = dataset
+    if isinstance(dataset, str):
+        ds = build_dataset(dataset, resolution, data_dir=data_dir, num_images=num_images, seed=seed)
     out_dir = ensure_writable_dir(Path(out_dir))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     net = _build_model(ds, model, seed).to(device).train()

