@@ -30,7 +30,7 @@ def problem():
 def test_reference_solve_is_tight(problem):
     den, _, held_out, exact = problem
     err = (reference_solve(den, held_out, 500) - exact).norm(dim=1).mean()
-    assert float(err) < 1e-3
+    assert float(err) < 1e-6
 
 
 @pytest.mark.parametrize("theta", [[0.0], [-2.0, 1.0, 3.0], [5.0, -5.0, 0.5, 0.5, 9.0]])

@@ -4,7 +4,8 @@
 2. Order: on the lambda-uniform grid of tests/test_samplers_convergence.py, UniPC-p converges to the exact
    PF-ODE solution with slope p + 1 in log NFE (the corrector adds one order at no extra NFE).
 3. Identities: without the corrector, order 2 bh2 is DPM-Solver++(2M) and order 1 is DPM-Solver++(1).
-4. Peer: with the same model outputs and without the final-step correction, UniPC equals diffusers'
+4. The clean-end step integrates a polynomial eps(s) of degree < k exactly from k samples.
+5. Peer: with the same model outputs and without the final-step correction, UniPC equals diffusers'
    UniPCMultistepScheduler (bh1 and bh2, orders 2 and 3, trailing spacing, final sigma zero).
 """
 
@@ -19,7 +20,8 @@ from test_samplers_convergence import ORDER_STEPS, SCHEDULE, T_END, T_START, lam
 from difflab.denoiser import Denoiser
 from difflab.errors import UserError
 from difflab.samplers import get_sampler, make_grid, sample
-from difflab.samplers.unipc import phi, unipc
+from difflab.samplers._common import point
+from difflab.samplers.unipc import clean_end_step, phi, unipc
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
@@ -57,9 +59,21 @@ def test_unipc_has_order_p_plus_one(ode_problem, order, variant):
 def test_predictor_alone_is_dpm_solver_pp(order, peer):
     model, x = mixture_2d().eps_model(SCHEDULE), prior_noise(32, 2, seed=5)
     grid = make_grid(SCHEDULE, 8, "logsnr")
-    ours = unipc(Denoiser(model, SCHEDULE), x.clone(), grid, order, "bh2", corrector=False)
+    ours = unipc(Denoiser(model, SCHEDULE), x.clone(), grid, order, "bh2", corrector=False, corrected_final=False)
     theirs = sample(model, x.clone(), peer, timesteps=grid, schedule=SCHEDULE).samples
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_clean_end_step_is_exact_for_polynomial_eps(k):
+    """dx~/ds = c0 + c1 s + c2 s^2 (degree k - 1) from s_a to 0: x~(0) = x~(s_a) - (c0 s_a + c1 s_a^2/2 + c2 s_a^3/3)."""
+    coef = torch.tensor([0.7, -1.3, 2.1][:k], dtype=torch.float64)[:, None] * torch.ones(1, 3, dtype=torch.float64)
+    cur = point(SCHEDULE, 30.0)
+    nodes = [float(SCHEDULE.sigma(t) / SCHEDULE.alpha(t)) for t in (120.0, 70.0, 30.0)][-k:]
+    eps = [(sj, sum(c * sj**q for q, c in enumerate(coef))) for sj in nodes]
+    x = torch.tensor([[0.4, -0.2, 1.0]], dtype=torch.float64)
+    exact = x / cur.alpha - sum(c * cur.s ** (q + 1) / (q + 1) for q, c in enumerate(coef))
+    torch.testing.assert_close(clean_end_step(x, cur, eps), exact, rtol=0, atol=1e-13)
 
 
 @pytest.mark.parametrize("order,variant,steps", [(2, "bh2", 8), (2, "bh2", 20), (3, "bh2", 10), (2, "bh1", 20), (3, "bh1", 20)])

@@ -24,8 +24,13 @@ from difflab.denoiser import Denoiser
 from difflab.errors import UserError
 from difflab.noise import NoiseSource
 from difflab.process import discrete_posterior, p_reverse, q_marginal, q_sample
-from difflab.samplers.adaptive import ODESolution, check_tolerances, dopri5, euler_integrate
-from difflab.schedules import NoiseSchedule, broadcast_to
+from difflab.samplers.adaptive import (
+    ODESolution,
+    check_tolerances,
+    dopri5,
+    euler_integrate,
+)
+from difflab.schedules import NoiseSchedule
 
 PROBES = ("rademacher", "gaussian")
 DIVERGENCES = ("exact", "hutchinson")
@@ -138,7 +143,7 @@ def ode_log_likelihood(
     prior_log_prob: Callable[[Tensor], Tensor] | None = None,
     bins: int | None = 256,
     dequantize_data: bool = False,
-    generator: "torch.Generator | NoiseSource | None" = None,
+    generator: torch.Generator | NoiseSource | None = None,
 ) -> LikelihoodResult:
     """log p_{t_start}(x) of the PF-ODE model: log p_{t_end}(x_{t_end}) + integral of div f along the ODE.
 
@@ -161,7 +166,6 @@ def ode_log_likelihood(
     state = torch.cat([x.flatten(1), torch.zeros_like(x.flatten(1)[:, :1])], dim=1)
     field = augmented_field(denoiser, x.shape, probes)
     lam0, lam1 = schedule.lambda_(t_start), schedule.lambda_(t_end)
-    nfe0 = denoiser.nfe
     if method == "rk45":
         sol: ODESolution = dopri5(field, state, lam0, lam1, rtol=rtol, atol=atol)
     else:
@@ -170,7 +174,7 @@ def ode_log_likelihood(
     prior = (prior_log_prob or standard_normal_log_prob)(x_end).to(delta.dtype)
     nats = -(prior + delta)
     dim = x[0].numel()
-    return LikelihoodResult(nats, bits_per_dim(nats, dim, bins), denoiser.nfe - nfe0, prior, delta, x, x_end)
+    return LikelihoodResult(nats, bits_per_dim(nats, dim, bins), sol.nfev, prior, delta, x, x_end)
 
 
 # ----- discrete variational bound -------------------------------------------------------------------
@@ -231,7 +235,7 @@ def vlb_bits_per_dim(
     num_timesteps: int | None = None,
     subset_seed: int = 0,
     bins: int = 256,
-    generator: "torch.Generator | NoiseSource | None" = None,
+    generator: torch.Generator | NoiseSource | None = None,
 ) -> VLBResult:
     """The DDPM bound L = L_T + sum_{t>=1} L_{t-1} + L_0 (Ho et al. 2020, eq. 5), one x_t draw per term.
 
@@ -244,14 +248,14 @@ def vlb_bits_per_dim(
     if variance not in ("small", "large"):
         raise UserError(f"unknown variance {variance!r}; use 'small' (beta-tilde) or 'large' (beta)")
     _check_8bit(x0, bins)
-    T, batch, nfe0 = schedule.T, x0.shape[0], denoiser.nfe
+    T, batch = schedule.T, x0.shape[0]
     ts = torch.arange(1, T)
     if num_timesteps is not None:
         if not isinstance(num_timesteps, int) or not 1 <= num_timesteps <= T - 1:
             raise UserError(f"num_timesteps must be an integer in 1..{T - 1}, got {num_timesteps!r}")
         ts = ts[torch.randperm(T - 1, generator=torch.Generator().manual_seed(subset_seed))[:num_timesteps]].sort().values
     noise = NoiseSource.from_any(generator, batch)
-    diffusion = torch.zeros(batch, dtype=torch.float64)
+    diffusion = torch.zeros(batch, dtype=torch.float64, device=x0.device)
     for t in ts.tolist():
         x_t = q_sample(schedule, x0, torch.tensor(float(t)), noise.like(x0))
         tt = torch.tensor(t)  # one time for the whole batch: scalar coefficients
@@ -268,4 +272,4 @@ def vlb_bits_per_dim(
     prior = gaussian_kl(q_T.mean, q_T.var, torch.zeros_like(q_T.mean), torch.ones_like(q_T.var)).flatten(1).sum(1).to(torch.float64)
     nats = prior + diffusion + decoder
     dim = x0[0].numel()
-    return VLBResult(nats, nats / (dim * LN2), prior, diffusion, decoder, ts, denoiser.nfe - nfe0)
+    return VLBResult(nats, nats / (dim * LN2), prior, diffusion, decoder, ts, len(ts) + 1)

@@ -56,14 +56,17 @@ class _Tracked:
 def expected_nfe(sampler: str, steps: int, **options: Any) -> int | None:
     """Model evaluations of a built-in sampler for ``steps`` steps ending at t = -1 (None if unknown).
 
-    Heun: 2N - 1 (Euler into the clean end); singlestep DPM-Solver-k: k (N - 1) + 1; all others: N.
+    Heun: 2N - 1 (Euler into the clean end); singlestep DPM-Solver-k: k (N - 1) + 1; predictor-corrector:
+    N (1 + n_corrector); rk45: adaptive (None); all others: N.
     """
     orders = {"dpm_solver_1": 1, "dpm_solver_2": 2, "dpm_solver_3": 3, "dpm_solver": options.get("order", 3)}
     if sampler == "heun":
         return 2 * steps - 1
     if sampler in orders:
         return int(orders[sampler]) * (steps - 1) + 1
-    known = ("ddpm", "ddim", "euler", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc")
+    if sampler == "pc":
+        return steps * (1 + int(options.get("n_corrector", 1)))
+    known = ("ddpm", "ddim", "euler", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc", "euler_maruyama", "euler_maruyama_ve")
     return steps if sampler in known else None
 
 

@@ -106,21 +106,28 @@ def _norms(v: Tensor, snr_norm: str) -> Tensor:
 
 
 def langevin_corrector(
-    denoiser: Denoiser, x: Tensor, t: float, noise: NoiseSource, n_steps: int, snr: float, snr_norm: str = "sample"
+    denoiser: Denoiser, x: Tensor, t: float, noise: NoiseSource, n_steps: int, snr: float, snr_norm: str = "expected"
 ) -> Tensor:
     """Annealed Langevin corrector at fixed t (Song et al. 2021, Alg. 5, VP form).
 
     x <- x + e g + sqrt(2 e) z with g = score(x, t) and e = 2 alpha_i (snr ||z|| / ||g||)^2. With
-    ``snr_norm="sample"`` the norms are each sample's own (Alg. 5 as written; sample i depends on seed
-    i only); with ``"batch"`` they are batch means (as in Song et al.'s released code). A per-sample
-    e(x) ~ 1/||g(x)||^2 makes the corrector's stationary law p ||g||^2 instead of p: harmless in high
-    dimension where ||g|| concentrates, a visible bias in 2-D.
+    ``snr_norm="expected"`` (default) the norms are their expectations, ||z|| ~ sqrt(D) and
+    ||g|| = ||eps|| / sigma_t ~ sqrt(D) / sigma_t, so ||z|| / ||g|| = sigma_t: a state-independent step
+    that leaves the target invariant and keeps sample i dependent on seed i only. With ``"sample"`` the
+    norms are each sample's own (Alg. 5 as written) and with ``"batch"`` batch means (as in Song et al.'s
+    released code, which couples the samples of a batch). A per-sample e(x) ~ 1/||g(x)||^2 makes the
+    corrector's stationary law p ||g||^2 instead of p: harmless in high dimension where ||g||
+    concentrates, a visible bias in 2-D.
     """
     alpha_i = step_alpha(denoiser.schedule, t)
     for _ in range(n_steps):
-        g = denoiser(x, t).score
+        out = denoiser(x, t)
+        g = out.score
         z = noise.like(x)
-        ratio = _norms(z, snr_norm) / _norms(g, snr_norm).clamp_min(1e-30)
+        if snr_norm == "expected":
+            ratio = out.sigma.flatten()[:1].expand(x.shape[0])
+        else:
+            ratio = _norms(z, snr_norm) / _norms(g, snr_norm).clamp_min(1e-30)
         e = broadcast_to(2.0 * alpha_i * (snr * ratio) ** 2, x)
         x = x + e * g + torch.sqrt(2.0 * e) * z
     return x
@@ -136,14 +143,14 @@ def pc(
     predictor: str = "reverse_diffusion",
     n_corrector: int = 1,
     snr: float = 0.16,
-    snr_norm: str = "sample",
+    snr_norm: str = "expected",
 ) -> Tensor:
     """Predictor–corrector sampling (Song et al. 2021, Alg. 1; Alg. 5 corrector for VP).
 
     At every noisy grid time t_i: ``n_corrector`` Langevin steps, then the predictor
     (``"reverse_diffusion"`` or ``"euler_maruyama"``) to t_{i+1}; at the last noisy time the predictor
     is the final denoise to x0. NFE = (len(timesteps) - 1) * (1 + n_corrector). ``snr_norm``:
-    ``"sample"`` or ``"batch"``, see :func:`langevin_corrector`.
+    ``"expected"`` (default), ``"sample"`` or ``"batch"``, see :func:`langevin_corrector`.
     """
     if predictor not in PREDICTORS:
         raise UserError(f"unknown predictor {predictor!r}; use one of {sorted(PREDICTORS)}")
@@ -151,8 +158,8 @@ def pc(
         raise UserError(f"n_corrector must be an integer >= 0, got {n_corrector!r}")
     if not (isinstance(snr, (int, float)) and math.isfinite(snr) and snr > 0):
         raise UserError(f"snr must be a positive number, got {snr!r}; Song et al. use values like 0.16")
-    if snr_norm not in ("sample", "batch"):
-        raise UserError(f"unknown snr_norm {snr_norm!r}; use 'sample' (per-sample norms) or 'batch' (batch means)")
+    if snr_norm not in ("expected", "sample", "batch"):
+        raise UserError(f"unknown snr_norm {snr_norm!r}; use 'expected' (default), 'sample' (per-sample norms) or 'batch' (batch means)")
     ts = check_grid(timesteps, denoiser.schedule)
     step = PREDICTORS[predictor]
     for t, t_next in zip(ts[:-2].tolist(), ts[1:-1].tolist()):

@@ -16,6 +16,9 @@ UniP-p (predictor) uses the last p model outputs; UniC-p (corrector) reruns the 
 model output at the predicted point added (r = 1), which every multistep solver evaluates anyway: one
 order more at no extra NFE (Zhao et al. 2023: UniPC-p has order p + 1). The output at the
 predicted point is kept as history (their "m_t" is not re-evaluated after correcting). NFE = N.
+
+The clean end (lambda = +inf) is reached in the VE form dx~/ds = eps instead, over the short interval
+[0, s_{N-1}], with an Adams-Bashforth step through the last ``order`` eps values (:func:`clean_end_step`).
 """
 
 from __future__ import annotations
@@ -73,6 +76,20 @@ def unified_update(x: Tensor, base: tuple[float, Tensor], others: History, cur: 
     return out + nxt.alpha * _b(h, variant) * corr
 
 
+def clean_end_step(x: Tensor, cur: Point, eps_hist: list[tuple[float, Tensor]]) -> Tensor:
+    """x at the clean end from x at ``cur``: x~(0) = x~(s) - int_0^s p(s') ds' on dx~/ds = eps, VE form.
+
+    p is the polynomial through the (s_j, eps_j) of ``eps_hist`` (newest last), integrated exactly (an
+    Adams-Bashforth step of variable size, Hairer et al. 1993, sec. III.5); one point is the Euler step.
+    """
+    u = torch.tensor([sj / cur.s for sj, _ in eps_hist], dtype=torch.float64)
+    k = len(eps_hist)
+    vander = torch.stack([u**q for q in range(k)])  # vander[q, j] = u_j^q
+    moments = torch.tensor([1.0 / (q + 1) for q in range(k)], dtype=torch.float64)
+    w = torch.linalg.solve(vander, moments).tolist()
+    return x / cur.alpha - cur.s * sum(wj * e for wj, (_, e) in zip(w, eps_hist))
+
+
 def unipc(
     denoiser: Denoiser,
     x: Tensor,
@@ -86,10 +103,11 @@ def unipc(
     """Run UniPC-``order`` (UniP-``order`` predictor, UniC corrector) over the grid; NFE = N.
 
     ``lower_order_final``: step i of n uses order at most n - i, whatever n (as UniPC's reference code; the
-    last steps are the longest in lambda, where extrapolating far-back outputs costs most). Into the clean end (lambda = +inf) the data-prediction step returns the x0 prediction m at the predicted
-    state x^; with ``corrected_final`` it takes the Euler step of dx~/ds = eps from the corrected state x^c
-    instead, reusing eps at x^ (as UniC reuses it): x_0 = x^c / alpha - s eps(x^) = m + (x^c - x^) / alpha.
-    Without it (``corrected_final=False``) the last correction is lost, as in Zhao et al.'s algorithm.
+    last steps are the longest in lambda, where extrapolating far-back outputs costs most). The step into
+    the clean end (lambda = +inf) cannot be taken in lambda. With ``corrected_final`` (default) it is
+    :func:`clean_end_step` from the corrected state with the eps of the last ``order`` evaluations
+    (for one, x_0 = m + (x^c - x^) / alpha: the last correction is kept); without it, it returns the x0
+    prediction m at the predicted state x^, as in Zhao et al.'s algorithm (the last correction is lost).
     """
     if order not in (1, 2, 3):
         raise UserError(f"UniPC order must be 1, 2 or 3, got {order!r}")
@@ -97,16 +115,18 @@ def unipc(
         raise UserError(f"unknown UniPC variant {variant!r}; use 'bh1' (B(h) = h) or 'bh2' (B(h) = 1 - e^-h)")
     n = len(timesteps) - 1
     hist: History = []
+    eps_hist: list[tuple[float, Tensor]] = []  # (s, eps) at the last ``order`` model evaluations
     last: tuple[Tensor, Point, History] | None = None  # state, point and history of the previous predictor
     for i, cur, nxt in steps(denoiser.schedule, timesteps):
-        x_pred = x
-        x0 = denoiser(x, cur.t).x0
+        out = denoiser(x, cur.t)
+        x0 = out.x0
+        eps_hist = [*eps_hist, (cur.s, out.eps)][-order:]
         if corrector and last is not None:
             x_prev, prev, used = last
             x = unified_update(x_prev, used[-1], [*used[:-1], (cur.lam, x0)], prev, cur, variant)
         hist = [*hist, (cur.lam, x0)][-order:]
         if nxt.clean:
-            return x0 + (x - x_pred) / cur.alpha if corrected_final else x0
+            return clean_end_step(x, cur, eps_hist) if corrected_final else x0
         k = min(order, len(hist), n - i) if lower_order_final else min(order, len(hist))
         last = (x, cur, hist[-k:])
         x = unified_update(x, hist[-1], hist[-k:-1], cur, nxt, variant)
