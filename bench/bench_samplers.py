@@ -26,12 +26,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from gmm_fixtures import mixture_2d, mixture_nd, pf_ode_reference, prior_noise  # noqa: E402
+from gmm_fixtures import mixture_2d, mixture_nd, pf_ode_reference, prior_noise
 
-from difflab.denoiser import Denoiser  # noqa: E402
-from difflab.samplers import DEFAULT_GRIDS, expected_nfe, get_sampler, make_grid, optimize_grid, reference_solve  # noqa: E402
-from difflab.samplers.api import FALLBACK_GRID  # noqa: E402
-from difflab.schedules import NoiseSchedule  # noqa: E402
+from difflab.denoiser import Denoiser
+from difflab.samplers import (
+    DEFAULT_GRIDS,
+    expected_nfe,
+    get_sampler,
+    make_grid,
+    optimize_grid,
+    reference_solve,
+)
+from difflab.samplers.api import FALLBACK_GRID
+from difflab.schedules import NoiseSchedule
 
 NFES = (5, 10, 20, 50)
 OURS = {  # sampler -> grids tried
@@ -100,7 +107,7 @@ def parse_sampler(spec: str) -> tuple[str, dict]:
     return name, {k: int(v) if v.isdigit() else v for k, v in options.items()}
 
 
-def run_ours(spec: str, grid: "str | torch.Tensor", nfe: int, mix, sched, x_T) -> tuple[torch.Tensor, int]:
+def run_ours(spec: str, grid: str | torch.Tensor, nfe: int, mix, sched, x_T) -> tuple[torch.Tensor, int]:
     """``grid`` is a kind, optionally followed by ' t_min=<t>', or an explicit grid."""
     name, options = parse_sampler(spec)
     den = Denoiser(mix.eps_model(sched), sched)

@@ -15,6 +15,7 @@ reference. Prints a Markdown table.
 Usage:
     python bench/bench_unet.py                 # about 1-2 minutes on a quiet 2-core machine
     python bench/bench_unet.py --iters 10 --threads 2
+    python bench/bench_unet.py --preset tiny32 --no-diffusers   # the demo model alone
 """
 
 from __future__ import annotations
@@ -67,15 +68,17 @@ def forward(net: nn.Module, x: Tensor, t: Tensor) -> Tensor:
     return out.sample if hasattr(out, "sample") else out
 
 
-def make_entries(config: UNetConfig) -> list[Entry]:
-    from diffusers import UNet2DModel
-
+def make_entries(config: UNetConfig, with_diffusers: bool = True) -> list[Entry]:
+    """difflab's UNet (channels-last), then diffusers' UNet2DModel contiguous and channels-last."""
     torch.manual_seed(0)
     entries = [Entry("difflab UNet (channels_last)", UNet(config), True)]
-    for cl in (False, True):
-        torch.manual_seed(0)
-        fmt = "channels_last" if cl else "contiguous"
-        entries.append(Entry(f"diffusers UNet2DModel ({fmt})", UNet2DModel(**DIFFUSERS_KW), cl))
+    if with_diffusers:
+        from diffusers import UNet2DModel  # bench/test-only dependency
+
+        for cl in (False, True):
+            torch.manual_seed(0)
+            fmt = "channels_last" if cl else "contiguous"
+            entries.append(Entry(f"diffusers UNet2DModel ({fmt})", UNet2DModel(**DIFFUSERS_KW), cl))
     for e in entries:
         e.params = sum(p.numel() for p in e.net.parameters())
         if e.channels_last:
@@ -172,8 +175,9 @@ def cpu_name() -> str:
 
 def report(entries: list[Entry], batch: int, peak: float, clock: str, argv: list[str]) -> str:
     """The Markdown report: settings, then one row per model."""
-    ref = min(entries[1:], key=lambda e: statistics.median(e.train_s))
-    ref_sample = min(entries[1:], key=lambda e: statistics.median(e.sample_s))
+    refs = entries[1:] or entries  # without diffusers the ratios are to difflab itself
+    ref = min(refs, key=lambda e: statistics.median(e.train_s))
+    ref_sample = min(refs, key=lambda e: statistics.median(e.sample_s))
     lines = [
         f"Command: `{' '.join(['python bench/bench_unet.py', *argv])}`",
         f"Date: {datetime.date.today().isoformat()}; torch {torch.__version__}; "
@@ -205,6 +209,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--preset", default="small32", help="difflab UNetConfig preset (default small32)")
     p.add_argument(
+        "--no-diffusers",
+        action="store_true",
+        help="time difflab only (e.g. --preset tiny32 for the demo model)",
+    )
+    p.add_argument(
         "--clock",
         choices=("wall", "cpu"),
         default="wall",
@@ -219,7 +228,7 @@ def main(argv: list[str]) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    entries = make_entries(UNetConfig.preset(args.preset))
+    entries = make_entries(UNetConfig.preset(args.preset), with_diffusers=not args.no_diffusers)
     for e in entries:
         e.fwd_flops, e.train_flops = count_flops(e.net, False), count_flops(e.net, True)
         gflop = e.fwd_flops / 1e9

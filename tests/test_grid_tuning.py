@@ -11,7 +11,13 @@ from gmm_fixtures import mixture_2d, one_thread, pf_ode_reference, prior_noise  
 
 from difflab.denoiser import Denoiser
 from difflab.errors import UserError
-from difflab.samplers import check_grid, get_sampler, make_grid, optimize_grid, reference_solve
+from difflab.samplers import (
+    check_grid,
+    get_sampler,
+    make_grid,
+    optimize_grid,
+    reference_solve,
+)
 from difflab.samplers.tuning import grid_error, grid_from_theta, theta_from_grid
 from difflab.schedules import NoiseSchedule
 
@@ -60,3 +66,7 @@ def test_bad_input_raises(problem):
         optimize_grid(den, pilot, 0)
     with pytest.raises(UserError):
         optimize_grid(den, pilot, 3, reference=pilot[:3])
+    with pytest.raises(UserError):
+        optimize_grid(den, pilot, 3, "unipc", reference=pilot, ordr=2)
+    with pytest.raises(UserError):
+        optimize_grid(den, pilot, 3, reference=pilot, start=make_grid(SCHEDULE, 4, "logsnr"))

@@ -8,7 +8,7 @@ spectrum), so
 
     Tr((S_1 S_2)^{1/2}) = sum_i sqrt(lambda_i(S_1^{1/2} S_2 S_1^{1/2})).
 
-We compute it with two symmetric eigendecompositions in float64 (``torch.linalg.eigh``: LAPACK's
+We compute it with two symmetric eigendecompositions in float64 (the second only r x r, r = rank S_1) (``torch.linalg.eigh``: LAPACK's
 ``syevd`` through MKL, several times faster here than numpy's OpenBLAS build at d = 2048), setting the
 eigenvalues at rounding-noise level (below d * eps * max) to 0. Why this route rather than ``scipy.linalg.sqrtm``
 of the non-symmetric product (pytorch-fid's): eigh of a symmetric matrix is backward stable and always
@@ -36,18 +36,20 @@ def _drop_noise(eigenvalues: torch.Tensor) -> torch.Tensor:
     return torch.where(eigenvalues > tol, eigenvalues, torch.zeros_like(eigenvalues))
 
 
-def psd_sqrt(matrix: np.ndarray) -> np.ndarray:
-    """Symmetric square root of a symmetric PSD matrix (noise-level and negative eigenvalues -> 0)."""
-    w, v = torch.linalg.eigh(torch.from_numpy(np.asarray(matrix, np.float64)))
-    return ((v * _drop_noise(w).sqrt()) @ v.T).numpy()
-
-
 def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
-    """``Tr((S_1 S_2)^{1/2})`` for symmetric PSD ``S_1``, ``S_2``, via eigh of ``S_1^{1/2} S_2 S_1^{1/2}``."""
-    root1 = psd_sqrt(sigma1)
-    inner = root1 @ sigma2 @ root1
-    eig = torch.linalg.eigvalsh(torch.from_numpy((inner + inner.T) / 2.0))
-    return float(_drop_noise(eig).sqrt().sum())
+    """``Tr((S_1 S_2)^{1/2})`` for symmetric PSD ``S_1``, ``S_2``.
+
+    With ``S_1 = V diag(w) V^T`` and ``B = V_+ diag(sqrt(w_+))`` (the r non-negligible eigenpairs),
+    ``S_1^{1/2} S_2 S_1^{1/2}`` has the same non-zero eigenvalues as the r x r matrix ``B^T S_2 B``, so the
+    second eigendecomposition is only r x r (r = rank, e.g. n - 1 for n < d samples).
+    """
+    w, v = torch.linalg.eigh(torch.from_numpy(np.asarray(sigma1, np.float64)))
+    w = _drop_noise(w)
+    keep = w > 0
+    b = v[:, keep] * w[keep].sqrt()
+    inner = b.T @ torch.from_numpy(np.asarray(sigma2, np.float64)) @ b
+    eig = torch.linalg.eigvalsh((inner + inner.T) / 2.0)
+    return float(_drop_noise(eig).sqrt().sum()) if len(eig) else 0.0
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:

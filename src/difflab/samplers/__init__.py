@@ -5,11 +5,25 @@ Importing this package registers every built-in sampler: ddpm, ddim, euler, heun
 score-SDE / adaptive ones: euler_maruyama, euler_maruyama_ve, pc, rk45.
 """
 
-from difflab.samplers import adaptive, ddim, ddpm, dpm_solver, dpm_solver_pp, ode, sde, unipc  # noqa: F401  (registration)
+from difflab.samplers import (  # noqa: F401  (registration)
+    adaptive,
+    ddim,
+    ddpm,
+    dpm_solver,
+    dpm_solver_pp,
+    ode,
+    sde,
+    unipc,
+)
 from difflab.samplers.api import DEFAULT_GRIDS, SampleResult, expected_nfe, sample
 from difflab.samplers.grids import GRID_KINDS, check_grid, make_grid
+from difflab.samplers.registry import (
+    get_sampler,
+    register_sampler,
+    sampler_names,
+    sampler_options,
+)
 from difflab.samplers.tuning import optimize_grid, reference_solve
-from difflab.samplers.registry import get_sampler, register_sampler, sampler_names, sampler_options
 
 __all__ = [
     "DEFAULT_GRIDS",

@@ -17,6 +17,7 @@ the model: evaluate it on noise other than the pilot noise.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -27,7 +28,7 @@ from torch import Tensor
 from difflab.denoiser import Denoiser
 from difflab.errors import UserError
 from difflab.samplers.grids import check_grid, make_grid
-from difflab.samplers.registry import SamplerFn, get_sampler
+from difflab.samplers.registry import SamplerFn, get_sampler, sampler_options
 from difflab.schedules import CLEAN_T
 
 START_GRIDS: tuple[tuple[str, float], ...] = (("uniform", 0.0),) + tuple(
@@ -66,7 +67,7 @@ def theta_from_grid(denoiser: Denoiser, grid: Tensor) -> list[float]:
     lam_end = float(sched.lambda_(0.0))
     lams = sched.lambda_(grid[:-1].clamp(min=0.0)).tolist()
     theta = []
-    for prev, lam in zip(lams[:-1], lams[1:]):
+    for prev, lam in itertools.pairwise(lams):
         f = min(max((lam - prev) / (lam_end - prev), _EDGE), 1.0 - _EDGE) if lam_end > prev else 1.0 - _EDGE
         theta.append(math.log(f / (1.0 - f)))
     return theta
@@ -90,11 +91,19 @@ def _start(denoiser: Denoiser, fn: SamplerFn, steps: int, x_T: Tensor, ref: Tens
     return best
 
 
+def _check_start(denoiser: Denoiser, start: Tensor, steps: int) -> Tensor:
+    grid = check_grid(start, denoiser.schedule, what="start")
+    if len(grid) != steps + 1 or grid[0] != denoiser.schedule.t_max or grid[-2] < 0:
+        raise UserError(f"start must have {steps} steps from t_max = {denoiser.schedule.t_max:g}, its last noisy time >= 0,"
+                        f" then -1; got {grid.tolist()}")
+    return grid
+
+
 def optimize_grid(
     denoiser: Denoiser,
     x_T_pilot: Tensor,
     steps: int,
-    sampler: "str | SamplerFn" = "unipc",
+    sampler: str | SamplerFn = "unipc",
     *,
     reference: Tensor | None = None,
     reference_steps: int = 500,
@@ -122,10 +131,13 @@ def optimize_grid(
     if not isinstance(x_T_pilot, Tensor) or x_T_pilot.ndim < 1 or x_T_pilot.shape[0] < 1:
         raise UserError("x_T_pilot must be a tensor of shape (batch, ...) with batch >= 1, e.g. torch.randn(64, 3, 32, 32)")
     fn = get_sampler(sampler)
+    unknown = sorted(set(options) - set(sampler_options(fn)))
+    if unknown:
+        raise UserError(f"unknown option(s) {unknown} for sampler {sampler!r}; valid: {sorted(sampler_options(fn))}")
     ref = reference_solve(denoiser, x_T_pilot, reference_steps) if reference is None else reference
     if ref.shape != x_T_pilot.shape:
         raise UserError(f"reference has shape {tuple(ref.shape)}, expected {tuple(x_T_pilot.shape)} (that of x_T_pilot)")
-    grid0 = _start(denoiser, fn, steps, x_T_pilot, ref, options) if start is None else check_grid(start, denoiser.schedule)
+    grid0 = _start(denoiser, fn, steps, x_T_pilot, ref, options) if start is None else _check_start(denoiser, start, steps)
     if steps == 1 or max_evals < 1:
         return grid0
     theta0 = torch.tensor(theta_from_grid(denoiser, grid0), dtype=torch.float64).numpy()
@@ -137,5 +149,6 @@ def optimize_grid(
         return grid_error(denoiser, fn, grid, x_T_pilot, ref, options)
 
     simplex = [theta0] + [theta0 + 0.5 * e for e in torch.eye(len(theta0), dtype=torch.float64).numpy()]
-    res = minimize(loss, theta0, method="Nelder-Mead", options=dict(maxfev=max_evals, initial_simplex=simplex, fatol=0.0, xatol=1e-4))
+    settings = {"maxfev": max_evals, "initial_simplex": simplex, "fatol": 0.0, "xatol": 1e-4}
+    res = minimize(loss, theta0, method="Nelder-Mead", options=settings)
     return grid_from_theta(denoiser, res.x.tolist()) if res.fun < grid_error(denoiser, fn, grid0, x_T_pilot, ref, options) else grid0

@@ -75,7 +75,7 @@ class Trainer:
         self.schedule = NoiseSchedule.from_config(config.schedule)
         self.ema = EMA(self.model, config.optim.ema_decay)
         o = config.optim
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay, foreach=True)
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / max(o.warmup_steps, 1)))
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.ema.model.to(self.accelerator.device)
