@@ -1,7 +1,7 @@
 """Speed of the difflab UNet against diffusers' UNet2DModel at equal parameter count, on CPU.
 
 Measures, in one run and for each model:
-  * training step (forward + MSE loss + backward + AdamW step) images/s at batch ``--batch``;
+  * training step (forward + MSE loss + backward + AdamW(foreach) step) images/s at batch ``--batch``;
   * sampling forward pass (eval mode, ``torch.inference_mode``) images/s at the same batch;
   * FLOPs per image (``torch.utils.flop_counter.FlopCounterMode``) and, with the machine's fp32
     matmul peak (best large ``torch.mm``), the fraction of that peak each figure reaches.
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import statistics
 import sys
@@ -86,7 +87,7 @@ def make_entries(config: UNetConfig, with_diffusers: bool = True) -> list[Entry]
     return entries
 
 
-def count_flops(net: nn.Module, train: bool, batch: int = 2) -> float:
+def count_flops(net: nn.Module, train: bool, batch: int = 1) -> float:
     """FLOPs per image of one forward pass, or of forward + backward when ``train``."""
     x, t = torch.randn(batch, 3, SIZE, SIZE), torch.full((batch,), 10.0)
     with FlopCounterMode(display=False) as counter:
@@ -119,7 +120,7 @@ def train_step_fn(e: Entry, batch: int) -> Callable[[], None]:
     t = torch.randint(0, 1000, (batch,), generator=gen).float()
     if e.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(e.net.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(e.net.parameters(), lr=1e-4, foreach=True)  # as difflab's trainer
 
     def step() -> None:
         e.net.train()
@@ -173,31 +174,48 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def load_note() -> str:
+    """The 1-minute load average against the core count: timings are only clean when it is low."""
+    if not hasattr(os, "getloadavg"):
+        return ""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    busy = " (busy machine: figures are noisy, multi-thread ones the most)" if load > cores + 1 else ""
+    return f"; load average {load:.1f} on {cores} cores at the end{busy}"
+
+
 def report(entries: list[Entry], batch: int, peak: float, clock: str, argv: list[str]) -> str:
-    """The Markdown report: settings, then one row per model."""
-    refs = entries[1:] or entries  # without diffusers the ratios are to difflab itself
-    ref = min(refs, key=lambda e: statistics.median(e.train_s))
-    ref_sample = min(refs, key=lambda e: statistics.median(e.sample_s))
+    """The Markdown report: settings, then one row per model; ratios are to the faster diffusers."""
+
+    def rate(seconds: list[float]) -> float:
+        return batch / statistics.median(seconds)
+
+    others = entries[1:]
+    best_train = max((rate(e.train_s) for e in others), default=None)
+    best_sample = max((rate(e.sample_s) for e in others), default=None)
     lines = [
         f"Command: `{' '.join(['python bench/bench_unet.py', *argv])}`",
+        "",
         f"Date: {datetime.date.today().isoformat()}; torch {torch.__version__}; "
         f"threads {torch.get_num_threads()}; clock {clock}; CPU: {cpu_name()}; "
-        f"batch {batch}, {SIZE}x{SIZE} RGB, fp32; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s",
+        f"batch {batch}, {SIZE}x{SIZE} RGB, fp32; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s{load_note()}",
         "",
         "| model | params | GFLOP/img fwd | train img/s | train % peak | vs diffusers | "
         "sample img/s | sample % peak | vs diffusers |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for e in entries:
-        train = batch / statistics.median(e.train_s)
-        sample = batch / statistics.median(e.sample_s)
-        ref_train = batch / statistics.median(ref.train_s)
-        ref_samp = batch / statistics.median(ref_sample.sample_s)
+        train, sample = rate(e.train_s), rate(e.sample_s)
+        vs_train = f"{train / best_train:.2f}x" if best_train else "-"
+        vs_sample = f"{sample / best_sample:.2f}x" if best_sample else "-"
         lines.append(
             f"| {e.name} | {e.params / 1e6:.3f}M | {e.fwd_flops / 1e9:.3f} | {train:.1f} | "
-            f"{100 * train * e.train_flops / peak:.1f}% | {train / ref_train:.2f}x | {sample:.1f} | "
-            f"{100 * sample * e.fwd_flops / peak:.1f}% | {sample / ref_samp:.2f}x |"
+            f"{100 * train * e.train_flops / peak:.1f}% | {vs_train} | {sample:.1f} | "
+            f"{100 * sample * e.fwd_flops / peak:.1f}% | {vs_sample} |"
         )
+    mismatch = [e.name for e in others if abs(e.params / entries[0].params - 1) > 0.05]
+    if mismatch:
+        names = ", ".join(mismatch)
+        lines.append(f"\nWARNING: parameter counts differ from difflab's by more than 5%: {names}")
     return "\n".join(lines)
 
 
@@ -229,8 +247,12 @@ def main(argv: list[str]) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     entries = make_entries(UNetConfig.preset(args.preset), with_diffusers=not args.no_diffusers)
+    flops: dict[str, tuple[float, float]] = {}  # by architecture: both diffusers entries share one
     for e in entries:
-        e.fwd_flops, e.train_flops = count_flops(e.net, False), count_flops(e.net, True)
+        arch = type(e.net).__name__
+        if arch not in flops:
+            flops[arch] = count_flops(e.net, train=False), count_flops(e.net, train=True)
+        e.fwd_flops, e.train_flops = flops[arch]
         gflop = e.fwd_flops / 1e9
         print(f"{e.name}: {e.params:,} parameters, {gflop:.3f} GFLOP/image forward", file=sys.stderr)
     clock = time.perf_counter if args.clock == "wall" else time.process_time

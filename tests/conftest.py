@@ -3,7 +3,7 @@
 from pathlib import Path
 
 import pytest
-import torch  # noqa: F401
+import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -20,6 +20,15 @@ def tiny_config_dict(**optim):
         "optim": {"steps": 6, "batch_size": 4, "lr": 1e-3, "warmup_steps": 2, **optim},
         "log": {"sample_every": 0, "checkpoint_every": 3, "num_samples": 4, "sample_steps": 3},
     }
+
+
+@pytest.fixture
+def one_thread():
+    """Small tensors: a second intra-op thread costs more than it saves (and far more on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ Import from a test module (``tests/`` is on ``sys.path`` under pytest's default 
 Stable API (other test files rely on it):
 
 * fixtures ``schedule`` (linear, T = 1000), ``gmm2d`` (:func:`mixture_2d`), ``gmm_nd`` (:func:`mixture_nd`),
-  ``one_thread`` (torch on one thread for the test: many tiny ops run 10x faster on a busy 2-core box);
+  (``one_thread``, torch on one thread for a test, lives in conftest.py);
 * :func:`mixture_2d`, :func:`mixture_nd`, :func:`sliced_wasserstein`, :func:`noise_floor`,
   :func:`pf_ode_reference`, :func:`pf_ode_velocity`, :func:`prior_noise`.
 """
@@ -43,14 +43,6 @@ def mixture_nd(dim: int = 8, components: int = 4, seed: int = 0) -> GaussianMixt
     stds = 0.3 + 0.3 * torch.rand(components, dim, generator=g, dtype=torch.float64)
     weights = 0.5 + torch.rand(components, generator=g, dtype=torch.float64)
     return GaussianMixture(means, stds, weights)
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

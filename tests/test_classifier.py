@@ -17,7 +17,6 @@ from difflab.nets.classifier import ClassifierConfig, NoisyClassifier
 from difflab.pipelines.model_dir import save_model_dir
 from difflab.schedules import NoiseSchedule
 from difflab.training.classifier import classifier_accuracy, train_classifier
-from gmm_fixtures import one_thread  # noqa: F401  (fixture)
 
 SCHED = NoiseSchedule.cosine(100)  # alpha_bar(T-1) ~ 0: the noisiest inputs carry no information
 TINY = {"base_channels": 16, "channel_mults": [1, 2], "num_res_blocks": 1, "attention_levels": [], "norm_groups": 8,

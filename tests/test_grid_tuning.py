@@ -7,7 +7,7 @@ other (held-out) noise at the same NFE, and never be worse than its start on the
 
 import pytest
 import torch
-from gmm_fixtures import mixture_2d, one_thread, pf_ode_reference, prior_noise  # noqa: F401
+from gmm_fixtures import mixture_2d, pf_ode_reference, prior_noise  # noqa: F401
 
 from difflab.denoiser import Denoiser
 from difflab.errors import UserError

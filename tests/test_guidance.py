@@ -21,7 +21,7 @@ from difflab.process import posterior, v_from_x0_eps
 from difflab.samplers import expected_nfe, sample, sampler_names
 from difflab.samplers._common import point
 from difflab.schedules import NoiseSchedule
-from gmm_fixtures import mixture_2d, one_thread  # noqa: F401  (fixture)
+from gmm_fixtures import mixture_2d  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SCHED = NoiseSchedule.linear(1000)

@@ -23,13 +23,7 @@ SCHED = NoiseSchedule.linear(1000)
 T_START, T_END = 0.0, 999.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: a second intra-op thread costs far more than it saves on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _noised(g: GaussianMixture, t: float) -> GaussianMixture:

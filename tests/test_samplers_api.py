@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from gmm_fixtures import mixture_2d, one_thread, prior_noise  # noqa: F401
+from gmm_fixtures import mixture_2d, prior_noise  # noqa: F401
 
 from difflab.denoiser import Denoiser
 from difflab.errors import UserError

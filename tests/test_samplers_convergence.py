@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from gmm_fixtures import mixture_2d, noise_floor, one_thread, pf_ode_reference, prior_noise, sliced_wasserstein  # noqa: F401
+from gmm_fixtures import mixture_2d, noise_floor, pf_ode_reference, prior_noise, sliced_wasserstein  # noqa: F401
 
 from difflab.denoiser import Denoiser
 from difflab.samplers import get_sampler, sample

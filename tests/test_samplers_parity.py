@@ -7,7 +7,7 @@ isolates the algorithm: agreement to 1e-10. For eta > 0 both draw the same noise
 
 import pytest
 import torch
-from gmm_fixtures import mixture_2d, one_thread, prior_noise  # noqa: F401
+from gmm_fixtures import mixture_2d, prior_noise  # noqa: F401
 
 from difflab.samplers import sample
 from difflab.schedules import NoiseSchedule

@@ -19,13 +19,7 @@ N = 4000  # samples per set for the distribution tests
 N_REFS = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: a second intra-op thread costs far more than it saves on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _denoiser(mixture=None) -> Denoiser:

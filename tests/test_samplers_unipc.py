@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from gmm_fixtures import mixture_2d, one_thread, pf_ode_reference, prior_noise  # noqa: F401
+from gmm_fixtures import mixture_2d, pf_ode_reference, prior_noise  # noqa: F401
 from scipy.integrate import quad
 from test_samplers_convergence import ORDER_STEPS, SCHEDULE, T_END, T_START, lambda_grid
 

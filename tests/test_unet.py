@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -15,6 +16,8 @@ from difflab.nets.attention import CrossAttention, SelfAttention
 from difflab.nets.embeddings import timestep_embedding
 from difflab.nets.unet import UNet
 from difflab.nets.unet_config import PRESETS, UNetConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
 
 TINY = dict(
     base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(1,),
@@ -232,18 +235,18 @@ def test_cross_attention_matches_torch_multihead_attention() -> None:
     assert torch.allclose(attn(x, ctx, mask), expected, atol=1e-5)
 
 
-@pytest.mark.slow
-def test_benchmark_script_runs(capsys: pytest.CaptureFixture[str]) -> None:
-    """Smoke test of bench/bench_unet.py at toy sizes: equal parameter counts and a Markdown table."""
+def test_benchmark_script_runs(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Smoke test of bench/bench_unet.py at toy sizes (difflab only: building diffusers' model is slow)."""
     import importlib.util
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "bench" / "bench_unet.py"
     spec = importlib.util.spec_from_file_location("bench_unet", path)
     bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_unet", bench)  # dataclasses look their module up there
     spec.loader.exec_module(bench)
-    bench.main(["--batch", "2", "--iters", "1", "--warmup", "0", "--peak-size", "64"])
+    args = ["--preset", "tiny32", "--no-diffusers", "--batch", "2", "--iters", "1", "--warmup", "0"]
+    bench.main([*args, "--peak-size", "64"])
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
-    assert len(table) == 5  # header + 3 models
-    params = [float(row.split("|")[2].strip().rstrip("M")) for row in table[2:]]
-    assert max(params) / min(params) < 1.05
+    assert len(table) == 3  # header, rule, difflab
+    assert table[2].startswith("| difflab UNet") and "| 1.162M |" in table[2]

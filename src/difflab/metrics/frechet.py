@@ -2,26 +2,26 @@
 
     d^2 = ||mu_1 - mu_2||^2 + Tr(S_1) + Tr(S_2) - 2 Tr((S_1 S_2)^{1/2})      (Dowson & Landau 1982)
 
-Only the *trace* of the matrix square root is needed. For symmetric PSD S_1, S_2 the product S_1 S_2 has
-the same eigenvalues as the symmetric PSD matrix S_1^{1/2} S_2 S_1^{1/2} (AB and BA share their non-zero
-spectrum), so
+Only the *trace* of the matrix square root is needed. Factor S_1 = B B^T with a rank-revealing pivoted
+Cholesky (LAPACK ``dpstrf``; B is d x r, r = rank S_1). S_1 S_2 = B (B^T S_2) and B^T S_2 B share their
+non-zero eigenvalues, and B^T S_2 B is symmetric PSD, so
 
-    Tr((S_1 S_2)^{1/2}) = sum_i sqrt(lambda_i(S_1^{1/2} S_2 S_1^{1/2})).
+    Tr((S_1 S_2)^{1/2}) = sum_i sqrt(lambda_i(B^T S_2 B))     (eigenvalues only, ``torch.linalg.eigvalsh``).
 
-We compute it with two symmetric eigendecompositions in float64 (the second only r x r, r = rank S_1) (``torch.linalg.eigh``: LAPACK's
-``syevd`` through MKL, several times faster here than numpy's OpenBLAS build at d = 2048), setting the
-eigenvalues at rounding-noise level (below d * eps * max) to 0. Why this route rather than ``scipy.linalg.sqrtm``
-of the non-symmetric product (pytorch-fid's): eigh of a symmetric matrix is backward stable and always
-real, so there is no imaginary part to discard and no ``eps * I`` offset to add when the covariances are
-rank-deficient (fewer samples than 2048 dimensions); Schur-based ``sqrtm`` on a near-singular
-non-symmetric product can return non-finite or complex results. The two agree to ~1e-9 relative on
-well-conditioned inputs, and our tests check agreement with pytorch-fid on near-singular ones.
+Why not ``scipy.linalg.sqrtm`` of the non-symmetric product (pytorch-fid's route)? Pivoted Cholesky of a
+PSD matrix and a symmetric eigenvalue solver are backward stable and always real, so there is no imaginary
+part to discard and no ``eps * I`` offset to add when covariances are rank-deficient (fewer than 2048
+samples), where Schur-based ``sqrtm`` can return complex or non-finite results. It is also cheaper: no
+eigenvectors, and only r x r when S_1 is low-rank (about 1 s at d = 2048 here, against ~10 s for
+``sqrtm``). All in float64. Tests: agreement with pytorch-fid to 1e-6 relative (full-rank, near-singular,
+singular), with a closed form, and with the exact low-rank value.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy.linalg.lapack import dpstrf
 
 from difflab.errors import UserError
 
@@ -29,27 +29,33 @@ from difflab.errors import UserError
 def _drop_noise(eigenvalues: torch.Tensor) -> torch.Tensor:
     """Zero the eigenvalues below ``d * eps * max|lambda|``: rounding noise of a rank-deficient matrix.
 
-    Without this, each of the ~(d - rank) noise eigenvalues would add sqrt(noise) ~ 1e-8 * scale to the
-    trace of the square root; with it, rank-deficient inputs match the exact low-rank value to ~1e-12.
+    Without this, each noise eigenvalue would add sqrt(noise) ~ 1e-8 * scale to the trace of the root.
     """
     tol = eigenvalues.abs().max() * len(eigenvalues) * torch.finfo(eigenvalues.dtype).eps
     return torch.where(eigenvalues > tol, eigenvalues, torch.zeros_like(eigenvalues))
 
 
-def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
-    """``Tr((S_1 S_2)^{1/2})`` for symmetric PSD ``S_1``, ``S_2``.
+def psd_factor(sigma: np.ndarray) -> np.ndarray:
+    """``B`` (d x r) with ``sigma = B B^T`` up to rounding, r = numerical rank (pivoted Cholesky, dpstrf).
 
-    With ``S_1 = V diag(w) V^T`` and ``B = V_+ diag(sqrt(w_+))`` (the r non-negligible eigenpairs),
-    ``S_1^{1/2} S_2 S_1^{1/2}`` has the same non-zero eigenvalues as the r x r matrix ``B^T S_2 B``, so the
-    second eigendecomposition is only r x r (r = rank, e.g. n - 1 for n < d samples).
+    LAPACK stops when the largest remaining pivot is below ``d * eps * max(diag)``.
     """
-    w, v = torch.linalg.eigh(torch.from_numpy(np.asarray(sigma1, np.float64)))
-    w = _drop_noise(w)
-    keep = w > 0
-    b = v[:, keep] * w[keep].sqrt()
+    factor, piv, rank, info = dpstrf(np.asarray(sigma, np.float64), lower=1, tol=-1.0)
+    if info < 0:
+        raise UserError(f"covariance factorisation failed (LAPACK dpstrf info={info}); check for NaN features")
+    b = np.empty((len(piv), rank))
+    b[piv - 1] = np.tril(factor)[:, :rank]  # P^T S P = L L^T  =>  S = (P L)(P L)^T
+    return b
+
+
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """``Tr((S_1 S_2)^{1/2})`` for symmetric PSD ``S_1``, ``S_2``: sum of sqrt(eig(B^T S_2 B)), S_1 = B B^T."""
+    b = torch.from_numpy(psd_factor(sigma1))
+    if b.shape[1] == 0:
+        return 0.0
     inner = b.T @ torch.from_numpy(np.asarray(sigma2, np.float64)) @ b
     eig = torch.linalg.eigvalsh((inner + inner.T) / 2.0)
-    return float(_drop_noise(eig).sqrt().sum()) if len(eig) else 0.0
+    return float(_drop_noise(eig).sqrt().sum())
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:

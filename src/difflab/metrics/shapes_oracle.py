@@ -53,13 +53,13 @@ class OracleReport:
 
 
 def train_oracle(resolution: int = 32, num_images: int = 12000, steps: int = 400, batch_size: int = 128,
-                 seed: int = 1234, progress: bool = True) -> tuple[ShapesOracle, OracleReport]:
+                 seed: int = 1234, width: int = 32, progress: bool = True) -> tuple[ShapesOracle, OracleReport]:
     """Train on rendered shapes (a seed disjoint from the default training data) and test on 2000 others."""
     torch.manual_seed(seed)
     train_set = ShapesDataset(num_images, resolution, seed=seed)
     test_set = ShapesDataset(2000, resolution, seed=seed + 1)
     x, y = train_set.images(), _targets(train_set)
-    model = ShapesOracle(resolution)
+    model = ShapesOracle(resolution, width)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
     g = torch.Generator().manual_seed(seed)

@@ -10,12 +10,11 @@ from difflab.errors import UserError
 
 _TUPLE_FIELDS = ("channel_mults", "attention_levels")
 
-# Named shapes for 32x32 inputs. Most parameters sit at 8x8 and 4x4, where a parameter costs
-# 16-64x fewer FLOPs than at 32x32; full resolution keeps one narrow block (see
-# docs/benchmarks_unet.md for the speed this buys at equal parameter count).
+# Named shapes for 32x32 inputs (use with UNetConfig.preset). See docs/benchmarks_unet.md.
 PRESETS: dict[str, dict[str, Any]] = {
     # 6.47M parameters, 0.88 GFLOP per 32x32 image: same size as a diffusers UNet2DModel with
-    # block_out_channels=(64, 128, 128), layers_per_block=2, at under a third of its FLOPs.
+    # block_out_channels=(64, 128, 128), layers_per_block=2, at under a third of its FLOPs. Most
+    # parameters sit at 8x8 and 4x4, where a conv weight costs 16-64x fewer FLOPs than at 32x32.
     "small32": {
         "base_channels": 48,
         "channel_mults": (1, 1, 2, 3),
