@@ -346,3 +346,28 @@ def test_context_dropout_shares_the_mask_and_uses_the_null_embedding() -> None:
     for bad in (-0.1, 1.5, float("nan")):
         with pytest.raises(UserError, match="dropout"):
             drop_mask(4, bad)
+
+
+def test_ddpm_sampler_applies_the_mean_shift_form() -> None:
+    """form="mean" through difflab.sample("ddpm") equals the hand-written Alg. 1 loop, and other samplers refuse it."""
+    gmm, k, n, scale = mixture_2d(), 3, 500, 3.0
+    classifier, _ = mixture_classifier(gmm, SCHED)
+    guided = ClassifierGuidedDenoiser(Denoiser(gmm.eps_model(SCHED), SCHED), classifier, k, scale, form="mean")
+    grid = torch.linspace(999, -1, 51, dtype=torch.float64)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    out = sample(guided, x, "ddpm", timesteps=grid, generator=g).samples
+    g = torch.Generator().manual_seed(4)
+    ref = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    plain = Denoiser(gmm.eps_model(SCHED), SCHED)
+    for cur, nxt in zip(grid[:-1].tolist(), grid[1:].tolist()):
+        p, q = point(SCHED, cur), point(SCHED, nxt)
+        post = posterior(ref, plain(ref, cur).x0, q.alpha, q.sigma, p.alpha, p.sigma)
+        mu = mean_shift(post.mean, post.var, guided.classifier_grad(ref, cur), scale)
+        ref = mu if q.clean else mu + math.sqrt(post.var) * torch.randn(ref.shape, generator=g, dtype=ref.dtype)
+    torch.testing.assert_close(out, ref)
+    assert (_assign(gmm, out) == k).double().mean().item() > 0.98
+    with pytest.raises(UserError, match="mean-shift form needs an ancestral sampler"):
+        sample(guided, x, "ddim", 10)
+    with pytest.raises(UserError, match="form"):
+        ClassifierGuidedDenoiser(plain, classifier, k, scale, form="score")

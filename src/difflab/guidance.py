@@ -231,7 +231,11 @@ def mean_shift(mean: Tensor, var: Tensor | float, grad: Tensor, scale: float) ->
 
 
 class ClassifierGuidedDenoiser(GuidedDenoiser):
-    """Classifier guidance in eps form (Dhariwal & Nichol 2021, Alg. 2).
+    """Classifier guidance in eps form (Dhariwal & Nichol 2021, Alg. 2), or in mean-shift form (Alg. 1).
+
+    ``form="eps"`` (default) works with every sampler; ``form="mean"`` leaves the denoiser's output alone
+    and lets the ancestral ``ddpm`` sampler shift each step's mean by ``s Sigma grad`` through
+    :meth:`ancestral_shift` (``difflab.sample`` refuses ``form="mean"`` with any other sampler).
 
     ``eps_hat = eps - s sigma_t grad_x log p_phi(y | x_t, t)``: the score of ``p_t(x) p_phi(y | x)^s``.
     ``classifier(x_t, t) -> logits`` (B, K) takes t in index units like the diffusion model (e.g. a
@@ -241,9 +245,13 @@ class ClassifierGuidedDenoiser(GuidedDenoiser):
     """
 
     def __init__(
-        self, denoiser: Denoiser, classifier: Classifier, labels: Tensor | int, scale: float, *, num_classes: int | None = None
+        self, denoiser: Denoiser, classifier: Classifier, labels: Tensor | int, scale: float, *, num_classes: int | None = None,
+        form: str = "eps",
     ) -> None:
         super().__init__(denoiser)
+        if form not in ("eps", "mean"):
+            raise UserError(f"classifier guidance form must be 'eps' (any sampler) or 'mean' (ancestral ddpm), got {form!r}")
+        self.form = form
         self.classifier = classifier
         self.scale = _check_scale("classifier scale", scale, "use 0 (no guidance) or a positive gradient scale, e.g. 1-10")
         if num_classes is None:
@@ -268,9 +276,13 @@ class ClassifierGuidedDenoiser(GuidedDenoiser):
         self.classifier_calls += 1
         return grad.detach()
 
+    def ancestral_shift(self, x: Tensor, t: Tensor | float, mean: Tensor, var: Tensor | float) -> Tensor:
+        """The ``form="mean"`` step: mu + s Sigma grad log p_phi(y | x_t) (Alg. 1), called by the ddpm sampler."""
+        return mean_shift(mean, var, self.classifier_grad(x, t), self.scale)
+
     def __call__(self, x: Tensor, t: Tensor | float, **cond: Any) -> DenoiserOutput:
         out = self.denoiser(x, t, **cond)
-        if self.scale == 0.0:
+        if self.scale == 0.0 or self.form == "mean":  # mean form: the ancestral sampler shifts its mean instead
             return out
         eps = out.eps - self.scale * out.sigma * self.classifier_grad(x, t)
         return DenoiserOutput(x0=x0_from_eps(x, eps, out.alpha, out.sigma), eps=eps, alpha=out.alpha, sigma=out.sigma)

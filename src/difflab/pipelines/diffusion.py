@@ -107,9 +107,10 @@ class DiffusionPipeline:
     def denoiser(self, batch: int = 1, class_labels: Any = None, prompt: Any = None, negative_prompt: Any = None,
                  guidance_scale: float = 1.0, guidance_rescale: float = 0.0,
                  guidance_interval: tuple[float, float] | None = None, classifier: Any = None,
-                 classifier_scale: float = 1.0) -> Denoiser:
+                 classifier_scale: float = 1.0, sampler: str | None = None) -> Denoiser:
         """The model as a denoiser: classifier-free guided (Ho & Salimans 2022) for a conditional model,
-        then classifier guided (Dhariwal & Nichol 2021) when a noise-aware ``classifier`` is given."""
+        then classifier guided (Dhariwal & Nichol 2021) when a noise-aware ``classifier`` is given, in the
+        mean-shift form (Alg. 1) for the ancestral ``sampler`` and in the eps form (Alg. 2) for all others."""
         denoiser = Denoiser(self.unet, self.schedule, self.parameterization)
         own_labels = class_labels if self.conditioner.kind == "class" or classifier is None else None
         cond, uncond = self.conditioner.sampling_kwargs(batch, own_labels, prompt, negative_prompt)
@@ -123,7 +124,8 @@ class DiffusionPipeline:
         if classifier is not None:
             if class_labels is None:
                 raise UserError("classifier guidance needs the class to steer towards; pass class_labels / --class-label")
-            denoiser = ClassifierGuidedDenoiser(denoiser, classifier.to(self.device), class_labels, classifier_scale)
+            form = "mean" if getattr(get_sampler(sampler or self.sampler), "mean_shift_guidance", False) else "eps"
+            denoiser = ClassifierGuidedDenoiser(denoiser, classifier.to(self.device), class_labels, classifier_scale, form=form)
         return denoiser
 
     # ----- sampling -------------------------------------------------------------------------
@@ -175,7 +177,7 @@ class DiffusionPipeline:
 
             classifier = NoisyClassifier.from_pretrained(classifier)
         denoiser = self.denoiser(num_images, class_labels, prompt, negative_prompt, guidance_scale, guidance_rescale,
-                                 guidance_interval, classifier, classifier_scale)
+                                 guidance_interval, classifier, classifier_scale, name)
         result = sample(denoiser, x_T, sampler=name, steps=num_inference_steps, generator=noise,
                         progress=progress, **sampler_options)
         samples = result.samples.clamp(-1, 1).float().cpu()

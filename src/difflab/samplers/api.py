@@ -47,6 +47,14 @@ class _Tracked:
     def schedule(self) -> NoiseSchedule:
         return self.denoiser.schedule
 
+    @property
+    def form(self) -> str:
+        """"mean" for classifier guidance that the ancestral sampler applies to its step mean."""
+        return getattr(self.denoiser, "form", "eps")
+
+    def ancestral_shift(self, x: Tensor, t: Tensor | float, mean: Tensor, var: Any) -> Tensor:
+        return self.denoiser.ancestral_shift(x, t, mean, var)
+
     def __call__(self, x: Tensor, t: Tensor | float) -> DenoiserOutput:
         out = self.denoiser(x, t, **self.cond)
         self.bar.update(1)
@@ -117,6 +125,9 @@ def sample(
     if not isinstance(noise, Tensor) or noise.ndim < 1 or noise.shape[0] < 1:
         raise UserError("noise must be a tensor of shape (batch, ...) with batch >= 1, e.g. torch.randn(4, 3, 32, 32)")
     denoiser = as_denoiser(model_fn, schedule, parameterization)
+    if getattr(denoiser, "form", "eps") == "mean" and not getattr(fn, "mean_shift_guidance", False):
+        raise UserError(f"classifier guidance in mean-shift form needs an ancestral sampler (ddpm), not {name!r}; "
+                        "use form='eps' with this sampler")
     if timesteps is not None:
         if grid is not None:
             raise UserError(f"pass either grid={grid!r} or timesteps, not both")

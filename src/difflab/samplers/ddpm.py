@@ -22,13 +22,18 @@ from difflab.samplers._common import steps
 from difflab.samplers.registry import register_sampler
 
 
-@register_sampler("ddpm")
+@register_sampler("ddpm", mean_shift_guidance=True)
 def ddpm(
     denoiser: Denoiser, x: Tensor, timesteps: Tensor, noise: NoiseSource, *, variance: Literal["small", "large"] = "small"
 ) -> Tensor:
-    """DDPM ancestral sampler; ``variance="small"`` (beta-tilde) or ``"large"`` (beta), Ho et al. 2020, sec. 3.2."""
+    """DDPM ancestral sampler; ``variance="small"`` (beta-tilde) or ``"large"`` (beta), Ho et al. 2020, sec. 3.2.
+
+    A classifier-guided denoiser of ``form="mean"`` shifts each noisy step's mean by ``s Sigma grad log p(y|x_t)``
+    (Dhariwal & Nichol 2021, Alg. 1).
+    """
     if variance not in ("small", "large"):
         raise UserError(f"unknown variance {variance!r}; use 'small' (beta-tilde) or 'large' (beta)")
+    shift = getattr(denoiser, "ancestral_shift", None) if getattr(denoiser, "form", "eps") == "mean" else None
     for _, cur, nxt in steps(denoiser.schedule, timesteps):
         x0 = denoiser(x, cur.t).x0
         post = posterior(x, x0, nxt.alpha, nxt.sigma, cur.alpha, cur.sigma)
@@ -36,5 +41,6 @@ def ddpm(
             x = post.mean
             continue
         var = post.var if variance == "small" else 1.0 - (cur.alpha / nxt.alpha) ** 2
-        x = post.mean + math.sqrt(var) * noise.like(x)
+        mean = post.mean if shift is None else shift(x, cur.t, post.mean, var)  # classifier guidance, Alg. 1
+        x = mean + math.sqrt(var) * noise.like(x)
     return x

@@ -23,14 +23,19 @@ SamplerFn = Callable[..., Tensor]
 _SAMPLERS: dict[str, SamplerFn] = {}
 
 
-def register_sampler(name: str) -> Callable[[SamplerFn], SamplerFn]:
-    """Decorator that registers a sampler function under ``name``."""
+def register_sampler(name: str, *, mean_shift_guidance: bool = False) -> Callable[[SamplerFn], SamplerFn]:
+    """Decorator that registers a sampler function under ``name``.
+
+    ``mean_shift_guidance``: the sampler applies a denoiser's ``ancestral_shift`` (classifier guidance in
+    the mean-shift form of Dhariwal & Nichol 2021, Alg. 1) to the mean of each stochastic step.
+    """
 
     def decorate(fn: SamplerFn) -> SamplerFn:
         if name in _SAMPLERS:
             raise ValueError(f"sampler {name!r} is registered twice")
         _SAMPLERS[name] = fn
         fn.sampler_name = name  # type: ignore[attr-defined]
+        fn.mean_shift_guidance = mean_shift_guidance  # type: ignore[attr-defined]
         return fn
 
     return decorate
