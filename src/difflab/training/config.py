@@ -20,6 +20,7 @@ class DataConfig:
     resolution: int | None = None  # None: the dataset's native resolution
     num_images: int | None = None  # None: the dataset's default size
     data_dir: str | None = None  # for mnist / cifar10
+    exclude: list | None = None  # shapes only: (shape, colour) pairs held out of training, e.g. [[circle, blue]]
 
 
 @dataclass
@@ -94,6 +95,10 @@ class TrainConfig:
             _check(getattr(log, name) >= 0, f"log.{name}", getattr(log, name), "must be >= 0")
         _check(log.num_samples >= 1, "log.num_samples", log.num_samples, "must be >= 1")
         _check(log.sample_steps >= 1, "log.sample_steps", log.sample_steps, "must be >= 1")
+        if self.data.exclude:
+            _check(self.data.dataset == "shapes", "data.exclude", self.data.exclude, "held-out combinations exist only for the shapes dataset")
+            _check(all(isinstance(p, (list, tuple)) and len(p) == 2 for p in self.data.exclude), "data.exclude",
+                   self.data.exclude, "give (shape, colour) pairs, e.g. [[circle, blue]]")
         if self.data.resolution is not None:
             _check(self.data.resolution >= 4, "data.resolution", self.data.resolution, "must be >= 4")
 

@@ -63,7 +63,9 @@ class Trainer:
         if self.accelerator.is_main_process:
             ensure_writable_dir(self.out_dir)
         d = config.data
-        self.dataset = build_dataset(d.dataset, d.resolution, data_dir=d.data_dir, num_images=d.num_images, seed=config.seed)
+        held_out = {"exclude": [tuple(pair) for pair in d.exclude]} if d.exclude else {}
+        self.dataset = build_dataset(d.dataset, d.resolution, data_dir=d.data_dir, num_images=d.num_images,
+                                     seed=config.seed, **held_out)
         c = config.conditioning
         self.conditioner = Conditioner(c.kind, num_classes=self.dataset.num_classes,
                                        class_names=self.dataset.class_names, text_encoder=c.text_encoder)
