@@ -1,10 +1,11 @@
-"""Evaluation metrics: FID, Inception Score, precision/recall, density/coverage, and domain FID/IS.
+"""Evaluation metrics: FID, Inception Score, precision/recall, density/coverage, domain FID/IS, CLIPScore.
 
 Entry points: ``evaluate`` (images + reference -> JSON-able dict) and ``write_report`` (JSON + Markdown).
 The pieces (``frechet_distance``, ``inception_score``, ``prdc``, ``GaussianStats``, ``load_fid_inception``)
 work on their own. Protocol and figures: docs/metrics.md.
 """
 
+from difflab.metrics.clipscore import clip_score, load_clip
 from difflab.metrics.domain import DigitClassifier, DomainExtractor, train_digit_classifier, train_mnist_classifier
 from difflab.metrics.evaluation import METRICS, evaluate, parse_metrics
 from difflab.metrics.features import FeatureSet, InceptionExtractor, extract_features
@@ -22,5 +23,5 @@ __all__ = [
     "InceptionExtractor", "StatsRecord", "density_coverage", "evaluate", "extract_features",
     "find_inception_weights", "frechet_distance", "inception_score", "load_fid_inception", "load_stats",
     "markdown_report", "parse_metrics", "prdc", "precision_recall", "reference_records",
-    "train_digit_classifier", "train_mnist_classifier", "write_report",
+    "train_digit_classifier", "train_mnist_classifier", "write_report", "clip_score", "load_clip",
 ]

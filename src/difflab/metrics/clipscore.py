@@ -32,7 +32,7 @@ from difflab.errors import UserError
 from difflab.metrics.preprocess import quantize, resize_bicubic
 from difflab.nets.text_base import check_prompts
 
-__all__ = ["CLIPLike", "HFCLIP", "OpenCLIP", "LABEL", "clip_score", "cosine_scores", "load_clip"]
+__all__ = ["HFCLIP", "LABEL", "CLIPLike", "OpenCLIP", "clip_score", "cosine_scores", "load_clip"]
 
 LABEL = "CLIPScore (Hessel et al. 2021) = 100 * max(cos(E_img, E_txt), 0); the paper's CLIP-S = 2.5 * max(cos, 0)"
 # OpenAI CLIP's normalisation (used when a model folder has no preprocessor_config.json).

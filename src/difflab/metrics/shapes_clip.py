@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from difflab.data.shapes import ShapesDataset
 from difflab.errors import UserError
-from difflab.nets.text_encoder import CachedTextEncoder, TextEncoder, load_text_encoder
+from difflab.nets.text_encoder import CachedTextEncoder, load_text_encoder
 from difflab.pipelines.model_dir import load_weights, read_model_dir, save_model_dir
 
 __all__ = ["ShapesCLIP", "contrastive_loss", "retrieval_accuracy", "train_shapes_clip"]
@@ -131,33 +131,52 @@ def retrieval_accuracy(model: ShapesCLIP, images: Tensor, captions: Sequence[str
 def train_shapes_clip(resolution: int = 32, steps: int = 400, seed: int = 0, *, num_images: int = 4000,
                       batch_size: int = 128, lr: float = 2e-3, width: int = 16, embed_dim: int = 64,
                       text_encoder: str | dict[str, Any] = "minilm", num_test: int = 1000,
-                      progress: bool = True) -> ShapesCLIP:
+                      num_threads: int | None = 1, progress: bool = True) -> ShapesCLIP:
     """Train a ShapesCLIP on shapes of ``seed`` and store its held-out retrieval accuracy in ``model.report``.
 
     Test images come from ``seed + 1`` (disjoint draws); ``report["retrieval_top1"]`` is image -> caption
     top-1 accuracy among 32 distinct captions (chance 1/32), see :func:`retrieval_accuracy`.
+    ``num_threads``: torch intra-op threads while training (restored after); these convolutions are too
+    small to gain from threads, and on a busy 2-core machine 2 threads ran ~15x slower than 1.
     """
-    torch.manual_seed(seed)
-    train = ShapesDataset(num_images, resolution, seed=seed)
-    x, captions = train.images(), list(train.captions)
-    model = ShapesCLIP(resolution, width, embed_dim, text_encoder)
+    previous = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        torch.manual_seed(seed)
+        model = ShapesCLIP(resolution, width, embed_dim, text_encoder)
+        train = ShapesDataset(num_images, resolution, seed=seed)
+        loss = _train(model, train.images(), list(train.captions), steps, batch_size, lr, seed, progress)
+        test = ShapesDataset(num_test, resolution, seed=seed + 1)
+        model.report = {"retrieval_top1": retrieval_accuracy(model, test.images(), list(test.captions)),
+                        "retrieval_candidates": 32, "num_test_images": num_test, "test_seed": seed + 1,
+                        "train_images": num_images, "steps": steps, "batch_size": batch_size, "seed": seed,
+                        "final_loss": loss}
+        return model
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _train(model: ShapesCLIP, x: Tensor, captions: list[str], steps: int, batch_size: int, lr: float,
+           seed: int, progress: bool) -> float:
+    """AdamW + one-cycle schedule on random batches; the frozen text vectors are computed once per caption."""
+    distinct = list(dict.fromkeys(captions))
+    table = model.text_features(distinct)
+    row = {c: k for k, c in enumerate(distinct)}
+    caption_ids = torch.tensor([row[c] for c in captions])
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     g = torch.Generator().manual_seed(seed)
     model.train()
+    loss = torch.zeros(())
     for _ in tqdm(range(steps), desc="shapes CLIP", disable=not progress):
-        idx = torch.randperm(len(x), generator=g)[:batch_size].tolist()
-        batch_caps = [captions[k] for k in idx]
-        loss = contrastive_loss(model.encode_images(x[idx]), model.encode_text(batch_caps), model.logit_scale,
-                                batch_caps)
+        idx = torch.randperm(len(x), generator=g)[:batch_size]
+        text_emb = model.text_proj(table[caption_ids[idx]])
+        loss = contrastive_loss(model.encode_images(x[idx]), text_emb, model.logit_scale,
+                                [captions[k] for k in idx.tolist()])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
     model.eval()
-    test = ShapesDataset(num_test, resolution, seed=seed + 1)
-    model.report = {"retrieval_top1": retrieval_accuracy(model, test.images(), list(test.captions)),
-                    "retrieval_candidates": 32, "num_test_images": num_test, "test_seed": seed + 1,
-                    "train_images": num_images, "steps": steps, "batch_size": batch_size, "seed": seed,
-                    "final_loss": float(loss)}
-    return model
+    return float(loss.detach())
