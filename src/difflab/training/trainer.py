@@ -12,6 +12,7 @@ import json
 import math
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,10 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model = UNet(UNetConfig.from_dict(model_cfg))
         self.schedule = NoiseSchedule.from_config(config.schedule)
+        if config.objective.parameterization == "eps" and self.schedule.alphas_cumprod[-1] < 1e-6:
+            warnings.warn(f"eps-prediction on a schedule whose alpha_bar_T is {self.schedule.alphas_cumprod[-1]:.1e}: "
+                          "x0 = (x - sigma eps) / alpha multiplies eps errors by up to 1/alpha_T at the first sampling "
+                          "step, which few-step samplers carry into the image; v-prediction avoids it (--parameterization v)")
         self.ema = EMA(self.model, config.optim.ema_decay)
         o = config.optim
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay, foreach=True)
