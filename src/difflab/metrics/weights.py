@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from difflab.errors import UserError
+from difflab.metrics.torchscript_weights import read_torchscript_tensors
 from difflab.metrics.inception import FIDInceptionV3
 
 PYTORCH_FID_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -106,9 +107,7 @@ def read_inception_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         raise UserError(f"Inception weight file {str(path)!r} does not exist; "
                         + INSTALL_HINT.format(hub=torch.hub.get_dir()))
     if _is_torchscript(path):
-        module = torch.jit.load(str(path), map_location="cpu")
-        state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-        return convert_fid_helper_state_dict(state)
+        return convert_fid_helper_state_dict(read_torchscript_tensors(path))
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
