@@ -96,3 +96,12 @@ def test_classifier_guidance_from_the_cli(class_model, tmp_path, capsys):
     assert not np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
     assert_user_error([*base, "--classifier", str(clf), "--classifier-scale", "-1", "--out", str(tmp_path / "c.png")], capsys, "scale")
     assert_user_error(["sample", "--model", str(clf), "--out", str(tmp_path / "d.png")], capsys, "not a diffusion model")
+
+
+def test_in_batches_splits_per_image_labels_and_keeps_seeds(class_model):
+    pipe = DiffusionPipeline.from_pretrained(class_model)
+    labels = [0, 1, 2, 0, 1]
+    kw = dict(num_inference_steps=3, class_labels=labels, guidance_scale=2.0, progress=False)
+    whole = pipe(num_images=5, seed=7, **kw).samples
+    split = pipe.in_batches(5, 2, seed=7, **kw).samples
+    torch.testing.assert_close(split, whole, atol=1e-5, rtol=1e-5)

@@ -85,10 +85,9 @@ def train(config_path: str | None, out_dir: str, resume: bool, no_progress: bool
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def sample(model_dir: str, sampler: str | None, steps: int, num_images: int, seed: int, eta: float | None,
            class_label: str | None, prompt: str | None, negative_prompt: str | None, guidance_scale: float,
-           guidance_rescale: float, classifier_dir: str | None, classifier_scale: float, batch_size: int, out_path: str, device: str, no_progress: bool) -> None:
+           guidance_rescale: float, classifier_dir: str | None, classifier_scale: float, batch_size: int, out_path: str,
+           device: str, no_progress: bool) -> None:
     """Sample images from a trained model into a PNG grid."""
-    import torch
-
     from difflab.data.images import to_pil_grid
     from difflab.pipelines.diffusion import DiffusionPipeline
     from difflab.pipelines.model_dir import ensure_writable_file
@@ -102,17 +101,13 @@ def sample(model_dir: str, sampler: str | None, steps: int, num_images: int, see
         from difflab.nets.classifier import NoisyClassifier
 
         classifier = NoisyClassifier.from_pretrained(classifier_dir, device=device)
-    started, chunks, nfe = time.perf_counter(), [], 0
-    for first in range(0, num_images, batch_size):
-        n = min(batch_size, num_images - first)
-        label = int(class_label) if class_label is not None and class_label.lstrip("-").isdigit() else class_label
-        result = pipe(num_images=n, num_inference_steps=steps, sampler=sampler, eta=eta, seed=seed + first,
-                      progress=not no_progress, class_labels=label, prompt=prompt, negative_prompt=negative_prompt,
-                      guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, classifier=classifier,
-                      classifier_scale=classifier_scale)
-        chunks.append(result.samples)
-        nfe = result.nfe
-    samples = torch.cat(chunks)
+    started = time.perf_counter()
+    label = int(class_label) if class_label is not None and class_label.lstrip("-").isdigit() else class_label
+    result = pipe.in_batches(num_images, batch_size, seed=seed, num_inference_steps=steps, sampler=sampler, eta=eta,
+                             progress=not no_progress, class_labels=label, prompt=prompt, negative_prompt=negative_prompt,
+                             guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, classifier=classifier,
+                             classifier_scale=classifier_scale)
+    samples, nfe = result.samples, result.nfe
     to_pil_grid(samples, nrow=int(math.ceil(math.sqrt(num_images)))).save(out)
     elapsed = time.perf_counter() - started
     click.echo(f"wrote {num_images} samples to {out} ({sampler or pipe.sampler}, {nfe} network evaluations per image, "

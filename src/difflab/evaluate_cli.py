@@ -133,18 +133,13 @@ def generate(pipe: Any, num: int, steps: int, sampler: str | None, seed: int, ba
     if kind != "none" and (ref is None or len(ref.captions if kind == "text" else ref.labels) < num):
         raise UserError(f"a {kind}-conditional model is sampled with the reference's {'captions' if kind == 'text' else 'labels'}; "
                         f"pass a --reference dataset with at least {num} of them")
-    chunks, nfe = [], 0
-    for first in range(0, num, batch_size):
-        n = min(batch_size, num - first)
-        cond: dict[str, Any] = {}
-        if kind == "text":
-            cond["prompt"] = ref.captions[first:first + n]
-        elif kind == "class":
-            cond["class_labels"] = ref.labels[first:first + n]
-        out = pipe(num_images=n, num_inference_steps=steps, sampler=sampler, seed=seed + first, progress=progress, **cond)
-        chunks.append(out.samples)
-        nfe = out.nfe
-    return torch.cat(chunks), nfe
+    cond: dict[str, Any] = {}
+    if kind == "text":
+        cond["prompt"] = ref.captions[:num]
+    elif kind == "class":
+        cond["class_labels"] = ref.labels[:num]
+    out = pipe.in_batches(num, batch_size, seed=seed, num_inference_steps=steps, sampler=sampler, progress=progress, **cond)
+    return out.samples, out.nfe
 
 
 def load_clip_model(pipe: Any, clip_model: str | None, device: str) -> Any:

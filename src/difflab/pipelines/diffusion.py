@@ -36,6 +36,9 @@ class PipelineOutput:
     nfe: int
 
 
+PER_IMAGE_ARGUMENTS = ("class_labels", "prompt", "negative_prompt")
+
+
 class DiffusionPipeline:
     """An unconditional (for now) image diffusion model ready to sample.
 
@@ -182,3 +185,26 @@ class DiffusionPipeline:
                         progress=progress, **sampler_options)
         samples = result.samples.clamp(-1, 1).float().cpu()
         return PipelineOutput(images=tensor_to_pil(samples), samples=samples, nfe=result.nfe)
+
+    def in_batches(self, num_images: int, batch_size: int, *, seed: int = 0, **kwargs: Any) -> PipelineOutput:
+        """``num_images`` images, ``batch_size`` per forward pass; image i uses seed ``seed + i`` whatever the batch size.
+
+        ``kwargs`` are those of :meth:`__call__`; per-image lists (``class_labels``, ``prompt``,
+        ``negative_prompt`` with one entry per image) are split along with the batches.
+        """
+        if batch_size < 1:
+            raise UserError(f"batch_size must be >= 1, got {batch_size}")
+        parts = []
+        for first in range(0, num_images, batch_size):
+            n = min(batch_size, num_images - first)
+            rows = {k: _rows(v, first, n, num_images) if k in PER_IMAGE_ARGUMENTS else v for k, v in kwargs.items()}
+            parts.append(self(num_images=n, seed=seed + first, **rows))
+        return PipelineOutput(images=[image for part in parts for image in part.images],
+                              samples=torch.cat([part.samples for part in parts]), nfe=parts[0].nfe)
+
+
+def _rows(value: Any, first: int, n: int, total: int) -> Any:
+    """Rows ``first .. first + n`` of a per-image sequence; anything else (one value for all) as it is."""
+    if not isinstance(value, str) and isinstance(value, (list, tuple, torch.Tensor)) and len(value) == total:
+        return value[first:first + n]
+    return value
