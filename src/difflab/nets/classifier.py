@@ -28,7 +28,7 @@ from difflab.errors import UserError
 from difflab.nets.attention import merge_heads, num_heads_for, split_heads, to_tokens
 from difflab.nets.blocks import Downsample, conv_nd, group_norm
 from difflab.nets.embeddings import TimestepEmbedding
-from difflab.nets.unet import UNetStage, _timesteps
+from difflab.nets.unet import _timesteps, build_encoder
 from difflab.nets.unet_config import UNetConfig
 from difflab.pipelines.model_dir import load_weights, read_model_dir, save_model_dir
 
@@ -120,20 +120,11 @@ class NoisyClassifier(nn.Module):
         self.config = config
         self.extra_config: dict[str, Any] = {}
         enc = config.encoder_config()
-        chans = [enc.base_channels * m for m in enc.channel_mults]
         emb_dim = 4 * enc.base_channels
         self.time_embed = TimestepEmbedding(enc.base_channels, emb_dim)
-        self.conv_in = conv_nd(self.dims, enc.in_channels, chans[0], 3, padding=1)
-        self.down = nn.ModuleList()
-        ch = chans[0]
-        for level, n_blocks in enumerate(enc.res_blocks_per_level()):
-            for _ in range(n_blocks):
-                self.down.append(UNetStage(ch, chans[level], emb_dim, enc, level in enc.attention_levels, self.dims))
-                ch = chans[level]
-            if level < len(chans) - 1:
-                self.down.append(Downsample(ch, self.dims))
-        self.mid = nn.ModuleList([UNetStage(ch, ch, emb_dim, enc, enc.mid_attention, self.dims),
-                                  UNetStage(ch, ch, emb_dim, enc, False, self.dims)])
+        self.conv_in = conv_nd(self.dims, enc.in_channels, enc.base_channels * enc.channel_mults[0], 3, padding=1)
+        self.down, self.mid, skips = build_encoder(enc, emb_dim, self.dims)
+        ch = skips[-1]
         self.norm_out = group_norm(ch, enc.norm_groups)
         self.pool = AttentionPool(ch, enc.head_channels) if config.pool == "attention" else None
         self.head = nn.Linear(ch, config.num_classes)

@@ -66,6 +66,31 @@ class UNetStage(nn.Module):
         return h
 
 
+def build_encoder(config: UNetConfig, emb_dim: int, dims: int) -> tuple[nn.ModuleList, nn.ModuleList, list[int]]:
+    """The encoder half of the UNet: downsampling stages and the middle block.
+
+    Returns ``(down, mid, skips)``; ``skips`` lists the channels of every skip connection in order (the
+    last entry is also the middle block's width). Shared by :class:`UNet` and the noise-aware classifier.
+    """
+    chans = [config.base_channels * m for m in config.channel_mults]
+
+    def stage(cin: int, cout: int, attention: bool) -> UNetStage:
+        return UNetStage(cin, cout, emb_dim, config, attention, dims)
+
+    down = nn.ModuleList()
+    skips, ch = [chans[0]], chans[0]
+    for level, n_blocks in enumerate(config.res_blocks_per_level()):
+        for _ in range(n_blocks):
+            down.append(stage(ch, chans[level], level in config.attention_levels))
+            ch = chans[level]
+            skips.append(ch)
+        if level < len(chans) - 1:
+            down.append(Downsample(ch, dims))
+            skips.append(ch)
+    mid = nn.ModuleList([stage(ch, ch, config.mid_attention), stage(ch, ch, False)])
+    return down, mid, skips
+
+
 class UNet(nn.Module):
     """Noise-prediction UNet ``eps_theta(x_t, t, cond)`` for ``dims``-D data (images: ``dims=2``).
 
@@ -101,17 +126,8 @@ class UNet(nn.Module):
         def stage(cin: int, cout: int, attention: bool) -> UNetStage:
             return UNetStage(cin, cout, emb_dim, config, attention, dims)
 
-        self.down = nn.ModuleList()
-        skips, ch = [chans[0]], chans[0]
-        for level, n_blocks in enumerate(config.res_blocks_per_level()):
-            for _ in range(n_blocks):
-                self.down.append(stage(ch, chans[level], level in config.attention_levels))
-                ch = chans[level]
-                skips.append(ch)
-            if level < len(chans) - 1:
-                self.down.append(Downsample(ch, dims))
-                skips.append(ch)
-        self.mid = nn.ModuleList([stage(ch, ch, config.mid_attention), stage(ch, ch, False)])
+        self.down, self.mid, skips = build_encoder(config, emb_dim, dims)
+        ch = skips[-1]
         self.up = nn.ModuleList()
         for level, n_blocks in reversed(list(enumerate(config.res_blocks_per_level()))):
             for _ in range(n_blocks + 1):
