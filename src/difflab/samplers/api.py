@@ -12,7 +12,6 @@ from tqdm.auto import tqdm
 from difflab.denoiser import Denoiser, DenoiserOutput, as_denoiser
 from difflab.errors import UserError
 from difflab.noise import NoiseSource
-from difflab.samplers._common import check_eta
 from difflab.samplers.grids import check_grid, make_grid
 from difflab.samplers.registry import SamplerFn, get_sampler, sampler_options
 from difflab.schedules import NoiseSchedule
@@ -38,10 +37,20 @@ class SampleResult(NamedTuple):
 
 
 class _Tracked:
-    """The denoiser as a sampler sees it: binds ``cond`` and ticks the progress bar on each evaluation."""
+    """The denoiser as a sampler sees it: binds ``cond`` and ticks a progress bar on each evaluation.
 
-    def __init__(self, denoiser: Denoiser, cond: dict[str, Any], bar: Any) -> None:
-        self.denoiser, self.cond, self.bar = denoiser, cond, bar
+    The bar is opened at the first evaluation, so a sampler that rejects its options before doing any
+    work prints only its error.
+    """
+
+    def __init__(self, denoiser: Denoiser, cond: dict[str, Any], name: str, total: int | None, progress: bool) -> None:
+        self.denoiser, self.cond = denoiser, cond
+        self.bar_args = {"total": total, "disable": not progress, "desc": name, "unit": "nfe"}
+        self.bar: Any = None
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
     @property
     def schedule(self) -> NoiseSchedule:
@@ -57,6 +66,8 @@ class _Tracked:
 
     def __call__(self, x: Tensor, t: Tensor | float) -> DenoiserOutput:
         out = self.denoiser(x, t, **self.cond)
+        if self.bar is None:
+            self.bar = tqdm(**self.bar_args)
         self.bar.update(1)
         return out
 
@@ -84,8 +95,6 @@ def _check_options(fn: SamplerFn, name: str, options: dict[str, Any]) -> None:
     if unknown:
         listed = ", ".join(f"{k}={v!r}" for k, v in valid.items()) or "none"
         raise UserError(f"unknown option(s) {unknown} for sampler {name!r}; valid options: {listed}")
-    if "eta" in options:  # checked before any work starts (and before a progress bar is drawn)
-        check_eta(options["eta"])
 
 
 def sample(
@@ -137,6 +146,9 @@ def sample(
     source = NoiseSource.from_any(generator, noise.shape[0])
     start = denoiser.nfe
     total = expected_nfe(name, len(grid_t) - 1, **options)
-    with tqdm(total=total, disable=not progress, desc=name, unit="nfe") as bar:
-        x = fn(_Tracked(denoiser, dict(cond or {}), bar), noise, grid_t, source, **options)
+    tracked = _Tracked(denoiser, dict(cond or {}), name, total, progress)
+    try:
+        x = fn(tracked, noise, grid_t, source, **options)
+    finally:
+        tracked.close()
     return SampleResult(x, denoiser.nfe - start)
