@@ -88,6 +88,7 @@ class Trainer:
         self.ema.model.to(self.accelerator.device)
         self.step = 0
         self.bad_steps = 0
+        self._order: tuple[int, torch.Tensor | None] = (-1, None)  # (epoch, its data order), see _epoch_order
 
     # ----- randomness as a function of (seed, step) -------------------------------------------
     def _generator(self, *keys: int) -> torch.Generator:
@@ -100,10 +101,15 @@ class Trainer:
         epochs = positions // n
         out = torch.empty(bs, dtype=torch.long)
         for epoch in epochs.unique().tolist():
-            perm = torch.randperm(n, generator=self._generator(1, epoch))
             mask = epochs == epoch
-            out[mask] = perm[positions[mask] % n]
+            out[mask] = self._epoch_order(epoch)[positions[mask] % n]
         return out
+
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        """The data order of ``epoch``, drawn once per epoch rather than once per step."""
+        if self._order[0] != epoch:
+            self._order = (epoch, torch.randperm(len(self.dataset), generator=self._generator(1, epoch)))
+        return self._order[1]
 
     def _local_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """This process's slice of the global (images, timesteps, noise, network conditions) at ``step``."""
