@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from difflab.data.shapes_spec import POSITIONS, VOCABULARIES, ShapeSpec, caption
-from difflab.metrics.shapes_oracle import predict, train_oracle
+from difflab.metrics.shapes_oracle import attribute_hits, train_oracle
 from difflab.nets.classifier import NoisyClassifier
 from difflab.pipelines.diffusion import DiffusionPipeline
 from difflab.training import TrainConfig, train
@@ -40,10 +40,8 @@ def held_out_prompts() -> list[ShapeSpec]:
 
 
 def adherence(oracle, samples: torch.Tensor, specs: list[ShapeSpec], attributes: tuple[str, ...]) -> float:
-    predicted = predict(oracle, samples)
-    hits = torch.ones(len(specs), dtype=torch.bool)
-    for a in attributes:
-        hits &= torch.tensor([VOCABULARIES[a][int(i)] == getattr(s, a) for i, s in zip(predicted[a], specs)])
+    """Fraction of samples with every listed attribute as their spec says."""
+    hits = torch.stack(list(attribute_hits(oracle, samples, specs, attributes).values())).all(0)
     return hits.float().mean().item()
 
 

@@ -16,7 +16,7 @@ import click
 import torch
 
 from difflab.data.images import to_pil_grid
-from difflab.data.shapes_spec import VOCABULARIES, parse_caption
+from difflab.data.shapes_spec import parse_caption
 from difflab.pipelines.diffusion import DiffusionPipeline
 from difflab.training import load_config, train
 
@@ -39,13 +39,10 @@ def demo_config_path() -> Path:
 
 def prompt_adherence(samples: torch.Tensor, prompts: list[str], resolution: int) -> dict[str, float]:
     """Fraction of samples whose shape, colour (and both) the shapes oracle reads as their prompt says."""
-    from difflab.metrics.shapes_oracle import predict, train_oracle
+    from difflab.metrics.shapes_oracle import attribute_hits, train_oracle
 
     oracle, report = train_oracle(resolution, num_images=6000, steps=250, batch_size=64, width=16, progress=False)
-    predicted = predict(oracle, samples)
-    specs = [parse_caption(p) for p in prompts]
-    hits = {a: torch.tensor([VOCABULARIES[a][int(i)] == getattr(s, a) for i, s in zip(predicted[a], specs)])
-            for a in ("shape", "color")}
+    hits = attribute_hits(oracle, samples, [parse_caption(p) for p in prompts], ("shape", "color"))
     return {"shape": hits["shape"].float().mean().item(), "color": hits["color"].float().mean().item(),
             "shape_and_color": (hits["shape"] & hits["color"]).float().mean().item(),
             "oracle_shape_accuracy": report.accuracy["shape"], "oracle_color_accuracy": report.accuracy["color"]}

@@ -41,11 +41,6 @@ def get_weighting(name: str) -> Weighting:
     return _WEIGHTINGS[name]
 
 
-def sample_timesteps(batch: int, schedule: NoiseSchedule, generator: torch.Generator | None = None) -> Tensor:
-    """t ~ Uniform{0, ..., T-1} (integer indices), drawn on the CPU."""
-    return torch.randint(0, schedule.T, (batch,), generator=generator)
-
-
 def diffusion_loss(
     network: Callable[..., Tensor],
     x0: Tensor,

@@ -68,11 +68,6 @@ class _SharedNoise(NoiseSource):
         return torch.randn((len(self.generators), *shape), generator=self._generator, dtype=dtype).to(device)
 
 
-def randn_from_seeds(seeds: Sequence[int], shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
-    """Initial noise for samples with the given seeds, shape ``(len(seeds), *shape)``."""
-    return NoiseSource.from_seeds(seeds).randn(shape, dtype=dtype)
-
-
 def seeded_generator(seed: int, *keys: int) -> torch.Generator:
     """A CPU generator seeded by ``(seed, *keys)``: randomness as a pure function of e.g. (seed, purpose, step)."""
     for k in keys:

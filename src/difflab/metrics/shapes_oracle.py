@@ -96,3 +96,10 @@ def recognisable_fraction(model: ShapesOracle, images: Tensor, threshold: float 
     probs = predict_proba(model, images)
     confident = (probs["shape"].max(1).values >= threshold) & (probs["color"].max(1).values >= threshold)
     return confident.float().mean().item()
+
+
+def attribute_hits(model: ShapesOracle, images: Tensor, specs: list, attributes: tuple[str, ...]) -> dict[str, Tensor]:
+    """Per attribute, a bool per image: does the oracle read the value its spec (e.g. its prompt) names?"""
+    predicted = predict(model, images)
+    return {a: torch.tensor([VOCABULARIES[a][int(i)] == getattr(s, a) for i, s in zip(predicted[a], specs)])
+            for a in attributes}
