@@ -53,6 +53,7 @@ def diversity(samples: torch.Tensor, per_prompt: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=3000, help="diffusion training steps")
+    ap.add_argument("--weighting", default="min_snr", help="loss weighting: uniform or min_snr")
     ap.add_argument("--classifier-steps", type=int, default=1500)
     ap.add_argument("--oracle-steps", type=int, default=400)
     ap.add_argument("--per-prompt", type=int, default=8)
@@ -63,7 +64,7 @@ def main() -> None:
     out, started = Path(args.out), time.perf_counter()
     config = TrainConfig.from_dict({
         "data": {"dataset": "shapes", "resolution": 32, "num_images": 20000, "exclude": [list(p) for p in HELD_OUT]},
-        "model": MODEL, "schedule": {"kind": "cosine"}, "objective": {"parameterization": "v"},
+        "model": MODEL, "schedule": {"kind": "cosine"}, "objective": {"parameterization": "v", "weighting": args.weighting},
         "conditioning": {"kind": "text", "dropout": 0.1},
         "optim": {"steps": args.steps, "lr": 1e-3, "ema_decay": 0.999},
         "log": {"sample_every": 0, "checkpoint_every": 1000, "sampler": "dpmpp_2m"}})

@@ -371,3 +371,18 @@ def test_ddpm_sampler_applies_the_mean_shift_form() -> None:
         sample(guided, x, "ddim", 10)
     with pytest.raises(UserError, match="form"):
         ClassifierGuidedDenoiser(plain, classifier, k, scale, form="score")
+
+
+def test_guidance_keeps_the_conditional_learned_variance():
+    """A learned-variance model's v_raw survives both wrappers: CFG passes the conditional branch's (ddpm reads it)."""
+    def model(x, t, class_labels):
+        v_raw = torch.tanh(class_labels.float().view(-1, 1, 1, 1) - 1.5).expand_as(x)  # differs per branch
+        return torch.cat([0.1 * x, v_raw], dim=1)
+
+    x = torch.randn(3, 2, 4, 4)
+    plain = Denoiser(model, SCHED, learn_variance=True)
+    cfg = CFGDenoiser(plain, {"class_labels": torch.tensor([0, 1, 0])}, {"class_labels": 3}, 4.0)
+    expected = plain(x, 10.0, class_labels=torch.tensor([0, 1, 0])).var_interp
+    torch.testing.assert_close(cfg(x, 10.0).var_interp, expected)
+    guided = ClassifierGuidedDenoiser(plain, lambda x, t: x.flatten(1)[:, :3], torch.tensor([0, 1, 2]), scale=2.0)
+    torch.testing.assert_close(guided(x, 10.0, class_labels=torch.tensor([0, 1, 0])).var_interp, expected)

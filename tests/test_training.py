@@ -14,7 +14,8 @@ from difflab.training import checkpoint as ckpt
 
 
 def weights(out):
-    return load_file(str(out / "checkpoint" / "model.safetensors")), load_file(str(out / "checkpoint" / "ema.safetensors"))
+    path = ckpt.find_checkpoint(out)
+    return load_file(str(path / "model.safetensors")), load_file(str(path / "ema.safetensors"))
 
 
 def assert_same_weights(a, b):
@@ -67,7 +68,7 @@ def test_interrupt_saves_and_resume_matches(tmp_path, tiny_config, monkeypatch, 
     with pytest.raises(TrainingInterrupted, match="step 4"):
         train(tiny_config, tmp_path / "run", progress=False)
     monkeypatch.setattr(Trainer, "train_step", original)
-    assert json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["step"] == 4
+    assert json.loads((ckpt.find_checkpoint(tmp_path / "run") / "state.json").read_text())["step"] == 4
     train(tiny_config, tmp_path / "run", resume=True, progress=False)
     assert_same_weights(weights(straight_run), weights(tmp_path / "run"))
 
@@ -77,7 +78,7 @@ def test_crash_during_checkpoint_write_keeps_previous(tmp_path, tiny_config, mon
     trainer.train_step(0)
     trainer.step = 1
     trainer.save()
-    before = load_file(str(tmp_path / "checkpoint" / "model.safetensors"))
+    before = load_file(str(ckpt.find_checkpoint(tmp_path) / "model.safetensors"))
     calls = {"n": 0}
     real = ckpt.save_file
 
@@ -94,7 +95,8 @@ def test_crash_during_checkpoint_write_keeps_previous(tmp_path, tiny_config, mon
         trainer.save()
     after = load_file(str(ckpt.find_checkpoint(tmp_path) / "model.safetensors"))
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert not list(tmp_path.glob(".checkpoint-*"))
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_0000001"]
 
 
 def test_nan_loss_stops_with_clear_error(tmp_path, tiny_config, monkeypatch):
@@ -102,7 +104,7 @@ def test_nan_loss_stops_with_clear_error(tmp_path, tiny_config, monkeypatch):
 
     real = tr.diffusion_loss
     monkeypatch.setattr(tr, "diffusion_loss", lambda *a, **k: real(*a, **k) * float("nan"))
-    with pytest.raises(UserError, match="NaN/Inf for 3 steps"):
+    with pytest.raises(UserError, match="NaN/Inf for 3 steps in a row.*lower optim.lr"):
         train(tiny_config, tmp_path / "run", progress=False)
 
 

@@ -6,6 +6,7 @@ Every bad input ends in one line ``error: ...`` on stderr and exit status 2, wit
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,25 +34,38 @@ def cli() -> None:
 @click.option("--lr", type=float, help="AdamW learning rate (after warm-up).  [default: 2e-4]")
 @click.option("--seed", type=int, help="Seed of everything random.  [default: 0]")
 @click.option("--parameterization", type=click.Choice(["eps", "x0", "v"]), help="What the network predicts.  [default: eps]")
+@click.option("--learn-variance/--fixed-variance", default=None, help="Also learn the reverse-process variance (Nichol & Dhariwal 2021).  [default: fixed]")
+@click.option("--loss", type=click.Choice(["simple", "hybrid", "vlb"]), help="simple (Ho et al.), hybrid = simple + 0.001 VLB or vlb (learned variance for hybrid).  [default: simple]")
+@click.option("--timestep-sampling", type=click.Choice(["uniform", "importance"]), help="Draw t uniformly or by VLB importance sampling (loss vlb or hybrid).  [default: uniform]")
 @click.option("--conditioning", type=click.Choice(["none", "class", "text"]), help="Train unconditional, on class labels or on captions.  [default: none]")
 @click.option("--cond-dropout", type=float, help="Probability of the null condition in training (for classifier-free guidance).  [default: 0.1]")
 @click.option("--text-encoder", help="minilm (bundled), clip:/dir, t5:/dir, bert:/dir or a model folder.  [default: minilm]")
 @click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), help="Autocast precision.  [default: no]")
 @click.option("--sample-every", type=int, help="Steps between sample grids in OUT/samples (0: never).  [default: 500]")
 @click.option("--checkpoint-every", type=int, help="Steps between checkpoints (0: only at the end).  [default: 500]")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder: model, checkpoint, samples, log.")
+@click.option("--keep-checkpoints", type=int, help="Newest checkpoints kept in OUT/checkpoints.  [default: 3]")
+@click.option("--weighting", type=click.Choice(["uniform", "min_snr"]), help="Loss weighting over noise levels.  [default: uniform]")
+@click.option("--num-processes", type=int, default=None, help="Train on N local processes (GPUs, or CPU processes with gloo).")
+@click.option("--accelerate-config", type=click.Path(dir_okay=False), default=None, help="An `accelerate config` file to launch with (multi-node, FSDP, DeepSpeed); needs --num-processes.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder: model, checkpoints, samples, log.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def train(config_path: str | None, out_dir: str, resume: bool, no_progress: bool, **flags: Any) -> None:
+def train(config_path: str | None, out_dir: str, resume: bool, no_progress: bool, num_processes: int | None,
+          accelerate_config: str | None, **flags: Any) -> None:
     """Train a diffusion model; Ctrl-C saves a checkpoint first."""
     from difflab.training import load_config, train as run_training
     from difflab.training.checkpoint import find_checkpoint, load_checkpoint
 
+    if num_processes is not None or accelerate_config is not None:
+        _relaunch(click.get_current_context(), num_processes, accelerate_config)
+
     keys = {"dataset": "data.dataset", "resolution": "data.resolution", "num_images": "data.num_images",
             "data_dir": "data.data_dir", "steps": "optim.steps", "batch_size": "optim.batch_size", "lr": "optim.lr",
             "seed": "seed", "parameterization": "objective.parameterization", "mixed_precision": "optim.mixed_precision",
+            "learn_variance": "objective.learn_variance", "loss": "objective.loss", "timestep_sampling": "objective.timestep_sampling",
             "conditioning": "conditioning.kind", "cond_dropout": "conditioning.dropout", "text_encoder": "conditioning.text_encoder",
-            "sample_every": "log.sample_every", "checkpoint_every": "log.checkpoint_every"}
+            "sample_every": "log.sample_every", "checkpoint_every": "log.checkpoint_every",
+            "keep_checkpoints": "log.keep_checkpoints", "weighting": "objective.weighting"}
     overrides = {keys[k]: v for k, v in flags.items() if v is not None}
     base = None
     existing = find_checkpoint(Path(out_dir)) if resume and Path(out_dir).is_dir() else None
@@ -60,14 +74,34 @@ def train(config_path: str | None, out_dir: str, resume: bool, no_progress: bool
     config = load_config(config_path, overrides, base=base)
     started = time.perf_counter()
     result = run_training(config, out_dir, resume=resume, progress=not no_progress)
+    if int(os.environ.get("RANK", "0")) != 0:  # one report per run, from the main process
+        return
     click.echo(f"trained {result.step} steps in {time.perf_counter() - started:.0f} s "
                f"(final loss {result.loss:.4f}, {result.images_per_second:.1f} images/s)")
     click.echo(f"model written to {result.out_dir} (sample it with: difflab sample --model {result.out_dir})")
 
 
+def _relaunch(ctx: click.Context, num_processes: int | None, accelerate_config: str | None) -> None:
+    """Run this same ``train`` command on several processes (see :mod:`difflab.training.distributed`), then exit."""
+    from difflab.training.distributed import launch
+
+    if num_processes is None:
+        raise UserError("--accelerate-config needs --num-processes N (the processes to start on this machine)")
+    args: list[str] = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name in ("num_processes", "accelerate_config") or value is None:
+            continue
+        if isinstance(param, click.Option) and param.is_flag:  # --flag, or --no-flag of an on/off pair
+            args += [param.opts[-1]] if value else param.secondary_opts[-1:]
+        else:
+            args += [param.opts[-1], str(value)]
+    sys.exit(launch(args, num_processes, accelerate_config))
+
+
 @cli.command()
-@click.option("--model", "model_dir", required=True, type=click.Path(), help="A model folder written by `difflab train --out`.")
-@click.option("--sampler", default=None, help="Sampler name (see `difflab samplers`).  [default: the model's, ddim]")
+@click.option("--model", "model_dir", required=True, type=click.Path(), help="A model folder written by `difflab train --out`, or a text-to-image folder with model_index.json (difflab or diffusers / Stable Diffusion format).")
+@click.option("--sampler", default=None, help="Sampler name (see `difflab samplers`).  [default: the model's, ddim; dpmpp_2m for text-to-image folders]")
 @click.option("--steps", type=int, default=50, show_default=True, help="Sampling steps.")
 @click.option("--num-images", type=int, default=16, show_default=True, help="Images to generate.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Image i uses seed SEED + i, whatever the batch.")
@@ -75,26 +109,43 @@ def train(config_path: str | None, out_dir: str, resume: bool, no_progress: bool
 @click.option("--class-label", default=None, help="Class of every image: an index or a class name (class-conditional models).")
 @click.option("--prompt", default=None, help="Text prompt (text-conditional models).")
 @click.option("--negative-prompt", default=None, help="What to steer away from (replaces the empty prompt in guidance).")
-@click.option("--guidance-scale", type=float, default=1.0, show_default=True, help="Classifier-free guidance w (1: plain conditional).")
+@click.option("--guidance-scale", type=float, default=None, help="Classifier-free guidance w (1: plain conditional).  [default: 1; 7.5 for text-to-image folders]")
 @click.option("--guidance-rescale", type=float, default=0.0, show_default=True, help="Guidance rescale phi in [0, 1] (Lin et al. 2023).")
 @click.option("--classifier", "classifier_dir", default=None, type=click.Path(), help="A noise-aware classifier folder (from `difflab train-classifier`) for classifier guidance.")
 @click.option("--classifier-scale", type=float, default=1.0, show_default=True, help="Classifier-guidance gradient scale s.")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Images per forward pass.")
 @click.option("--out", "out_path", default="grid.png", show_default=True, type=click.Path(dir_okay=False), help="PNG grid to write.")
+@click.option("--height", type=int, default=None, help="Image height in pixels (text-to-image folders).  [default: the model's]")
+@click.option("--width", type=int, default=None, help="Image width in pixels (text-to-image folders).  [default: the model's]")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None, help="Network precision (text-to-image folders; float16 needs a GPU).  [default: float32]")
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def sample(model_dir: str, sampler: str | None, steps: int, num_images: int, seed: int, eta: float | None,
-           class_label: str | None, prompt: str | None, negative_prompt: str | None, guidance_scale: float,
+           class_label: str | None, prompt: str | None, negative_prompt: str | None, guidance_scale: float | None,
            guidance_rescale: float, classifier_dir: str | None, classifier_scale: float, batch_size: int, out_path: str,
-           device: str, no_progress: bool) -> None:
+           height: int | None, width: int | None, dtype: str | None, device: str, no_progress: bool) -> None:
     """Sample images from a trained model into a PNG grid."""
-    from difflab.data.images import to_pil_grid
     from difflab.pipelines.diffusion import DiffusionPipeline
     from difflab.pipelines.model_dir import ensure_writable_file
 
     if num_images < 1 or batch_size < 1:
         raise UserError(f"--num-images and --batch-size must be >= 1, got {num_images} and {batch_size}")
     out = ensure_writable_file(Path(out_path))
+    if (Path(model_dir) / "model_index.json").is_file():
+        if class_label is not None or classifier_dir is not None:
+            raise UserError("--class-label and --classifier apply to difflab class-conditional models, not text-to-image folders")
+        started = time.perf_counter()
+        samples, nfe, sampler = _sample_text2image(model_dir, device, dtype, num_images, batch_size, seed=seed, prompt=prompt,
+                                                   negative_prompt=negative_prompt, height=height, width=width, eta=eta,
+                                                   num_inference_steps=steps, sampler=sampler or "dpmpp_2m",
+                                                   guidance_scale=7.5 if guidance_scale is None else guidance_scale,
+                                                   guidance_rescale=guidance_rescale, progress=not no_progress)
+        _write_grid(samples, out, sampler, nfe, time.perf_counter() - started)
+        return
+    if height is not None or width is not None or dtype is not None:
+        raise UserError("--height, --width and --dtype apply to text-to-image folders (with model_index.json); "
+                        "a difflab model samples at its trained resolution in float32")
+    guidance_scale = 1.0 if guidance_scale is None else guidance_scale
     pipe = DiffusionPipeline.from_pretrained(model_dir, device=device)
     classifier = None
     if classifier_dir is not None:
@@ -107,10 +158,27 @@ def sample(model_dir: str, sampler: str | None, steps: int, num_images: int, see
                              progress=not no_progress, class_labels=label, prompt=prompt, negative_prompt=negative_prompt,
                              guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, classifier=classifier,
                              classifier_scale=classifier_scale)
-    samples, nfe = result.samples, result.nfe
+    _write_grid(result.samples, out, sampler or pipe.sampler, result.nfe, time.perf_counter() - started)
+
+
+def _sample_text2image(model_dir: str, device: str, dtype: str | None, num_images: int, batch_size: int,
+                       **kwargs: Any) -> tuple[Any, int, str]:
+    """``difflab sample`` for a text-to-image folder: (samples in [-1, 1], NFE per image, sampler name)."""
+    from difflab.pipelines.text2image import Text2ImagePipeline
+
+    if kwargs["prompt"] is None:
+        raise UserError("a text-to-image model needs --prompt \"...\" (use --prompt \"\" for unconditional samples)")
+    pipe = Text2ImagePipeline.from_pretrained(model_dir, torch_dtype=dtype, device=device)
+    result = pipe.in_batches(num_images, batch_size, **kwargs)
+    return result.samples, result.nfe, kwargs["sampler"]
+
+
+def _write_grid(samples: Any, out: Path, sampler: str, nfe: int, elapsed: float) -> None:
+    from difflab.data.images import to_pil_grid
+
+    num_images = len(samples)
     to_pil_grid(samples, nrow=int(math.ceil(math.sqrt(num_images)))).save(out)
-    elapsed = time.perf_counter() - started
-    click.echo(f"wrote {num_images} samples to {out} ({sampler or pipe.sampler}, {nfe} network evaluations per image, "
+    click.echo(f"wrote {num_images} samples to {out} ({sampler}, {nfe} network evaluations per image, "
                f"{1000 * elapsed / num_images:.0f} ms per image)")
 
 
@@ -155,10 +223,12 @@ def samplers() -> None:
 
 def _register_commands() -> None:
     from difflab.demo import demo
+    from difflab.ema_cli import ema_command
     from difflab.evaluate_cli import eval_command
 
     cli.add_command(demo)
     cli.add_command(eval_command)
+    cli.add_command(ema_command)
 
 
 _register_commands()

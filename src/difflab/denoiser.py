@@ -16,7 +16,13 @@ import torch
 from torch import Tensor
 
 from difflab.errors import UserError
-from difflab.process import PARAMETERIZATIONS, prediction_to_x0_eps, score_from_eps, v_from_x0_eps
+from difflab.process import (
+    PARAMETERIZATIONS,
+    prediction_to_x0_eps,
+    score_from_eps,
+    split_variance_output,
+    v_from_x0_eps,
+)
 from difflab.schedules import NoiseSchedule, broadcast_to
 
 ModelFn = Callable[..., Tensor]
@@ -24,12 +30,18 @@ ModelFn = Callable[..., Tensor]
 
 @dataclass
 class DenoiserOutput:
-    """What a denoiser answers at (x_t, t): the clean-data estimate and the noise estimate."""
+    """What a denoiser answers at (x_t, t): the clean-data estimate and the noise estimate.
+
+    ``var_interp`` is the raw variance output v_raw of a model that learns its variance (Nichol &
+    Dhariwal 2021, eq. 15; :func:`difflab.process.interpolate_log_variance`), else None. Only the
+    ancestral sampler and the VLB use it.
+    """
 
     x0: Tensor
     eps: Tensor
     alpha: Tensor
     sigma: Tensor
+    var_interp: Tensor | None = None
 
     @property
     def score(self) -> Tensor:
@@ -46,7 +58,9 @@ class Denoiser:
     """Adapt ``model_fn(x, t, **cond)`` of a given parameterization to the denoiser contract.
 
     Counts its network evaluations in :attr:`nfe`. ``cond`` passed at construction is sent on every
-    call (e.g. class labels of the batch); keyword arguments of a call are added to it.
+    call (e.g. class labels of the batch); keyword arguments of a call are added to it. With
+    ``learn_variance`` the model returns 2C channels, the prediction then v_raw
+    (:func:`difflab.process.split_variance_output`), and the output carries ``var_interp``.
     """
 
     def __init__(
@@ -54,6 +68,8 @@ class Denoiser:
         model_fn: ModelFn,
         schedule: NoiseSchedule,
         parameterization: str = "eps",
+        *,
+        learn_variance: bool = False,
         **cond: Any,
     ) -> None:
         if parameterization not in PARAMETERIZATIONS:
@@ -61,6 +77,7 @@ class Denoiser:
         self.model_fn = model_fn
         self.schedule = schedule
         self.parameterization = parameterization
+        self.learn_variance = bool(learn_variance)
         self.cond = cond
         self.nfe = 0
 
@@ -74,9 +91,11 @@ class Denoiser:
         t_dtype = x.dtype if x.dtype == torch.float64 else torch.float32  # exact times for float64 reference models
         pred = self.model_fn(x, t.to(device=x.device, dtype=t_dtype), **{**self.cond, **cond})
         self.nfe += 1
-        if not isinstance(pred, Tensor) or pred.shape != x.shape:
+        expected = (x.shape[0], 2 * x.shape[1], *x.shape[2:]) if self.learn_variance else tuple(x.shape)
+        if not isinstance(pred, Tensor) or tuple(pred.shape) != expected:
             shape = tuple(pred.shape) if isinstance(pred, Tensor) else type(pred).__name__
-            raise UserError(f"model_fn returned {shape} for input of shape {tuple(x.shape)}; it must return a tensor of the input's shape")
+            what = "twice the input's channels (learn_variance)" if self.learn_variance else "the input's shape"
+            raise UserError(f"model_fn returned {shape} for input of shape {tuple(x.shape)}; it must return a tensor of {what}")
         if not bool(torch.isfinite(pred).all()):
             raise UserError(f"model_fn returned NaN or Inf at t={t.flatten()[0].item():g}; check the model's weights and inputs")
         return pred
@@ -84,10 +103,11 @@ class Denoiser:
     def __call__(self, x: Tensor, t: Tensor | float, **cond: Any) -> DenoiserOutput:
         t = self.time_tensor(t, x)
         pred = self.raw(x, t, **cond)
+        pred, var_interp = split_variance_output(pred, x.shape[1]) if self.learn_variance else (pred, None)
         alpha = broadcast_to(self.schedule.alpha(t), x)
         sigma = broadcast_to(self.schedule.sigma(t), x)
         x0, eps = prediction_to_x0_eps(pred, self.parameterization, x, alpha, sigma)
-        return DenoiserOutput(x0=x0, eps=eps, alpha=alpha, sigma=sigma)
+        return DenoiserOutput(x0=x0, eps=eps, alpha=alpha, sigma=sigma, var_interp=var_interp)
 
 
 def as_denoiser(

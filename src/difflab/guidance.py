@@ -216,7 +216,8 @@ class CFGDenoiser(GuidedDenoiser):
         if not bool(active.all()):
             keep = active.to(x.device).reshape(-1, *([1] * (x.ndim - 1)))
             x0, eps = torch.where(keep, x0, x0_c), torch.where(keep, eps, eps_c)
-        return DenoiserOutput(x0=x0, eps=eps, alpha=alpha, sigma=sigma)
+        var = None if out.var_interp is None else out.var_interp[:batch]  # a learned variance: the conditional branch's
+        return DenoiserOutput(x0=x0, eps=eps, alpha=alpha, sigma=sigma, var_interp=var)
 
 
 # ----- classifier guidance -------------------------------------------------------------------
@@ -285,4 +286,5 @@ class ClassifierGuidedDenoiser(GuidedDenoiser):
         if self.scale == 0.0 or self.form == "mean":  # mean form: the ancestral sampler shifts its mean instead
             return out
         eps = out.eps - self.scale * out.sigma * self.classifier_grad(x, t)
-        return DenoiserOutput(x0=x0_from_eps(x, eps, out.alpha, out.sigma), eps=eps, alpha=out.alpha, sigma=out.sigma)
+        return DenoiserOutput(x0=x0_from_eps(x, eps, out.alpha, out.sigma), eps=eps, alpha=out.alpha, sigma=out.sigma,
+                              var_interp=out.var_interp)

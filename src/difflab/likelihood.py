@@ -20,10 +20,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from difflab.denoiser import Denoiser
+from difflab.denoiser import Denoiser, DenoiserOutput
 from difflab.errors import UserError
 from difflab.noise import NoiseSource
-from difflab.process import discrete_posterior, p_reverse, q_marginal, q_sample
+from difflab.process import Gaussian, p_reverse, q_marginal, q_sample
 from difflab.samplers.adaptive import (
     ODESolution,
     check_tolerances,
@@ -31,6 +31,7 @@ from difflab.samplers.adaptive import (
     euler_integrate,
 )
 from difflab.schedules import NoiseSchedule
+from difflab.vlb import discretized_gaussian_log_likelihood, gaussian_kl, vlb_term  # noqa: F401 (re-exported)
 
 PROBES = ("rademacher", "gaussian")
 DIVERGENCES = ("exact", "hutchinson")
@@ -178,26 +179,6 @@ def ode_log_likelihood(
 
 
 # ----- discrete variational bound -------------------------------------------------------------------
-def gaussian_kl(mean1: Tensor, var1: Tensor, mean2: Tensor, var2: Tensor) -> Tensor:
-    """Elementwise KL(N(mean1, var1) || N(mean2, var2)) = (log(var2/var1) + (var1 + (mean1-mean2)^2)/var2 - 1) / 2."""
-    return 0.5 * (torch.log(var2 / var1) + (var1 + (mean1 - mean2) ** 2) / var2 - 1.0)
-
-
-def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, var: Tensor, bins: int = 256) -> Tensor:
-    """Elementwise log P(bin of x) under N(mean, var), bins of width 2/(bins-1) on [-1, 1], outer edges at +-inf.
-
-    (Ho et al. 2020, eq. 13.) log(Phi(b) - Phi(a)) is computed in the tail where it is accurate:
-    for a bin above the mean the symmetric form Phi(-a) - Phi(-b) is used.
-    """
-    half, std = 1.0 / (bins - 1), var.sqrt()
-    a = torch.where(x <= -1 + half / 2, -math.inf, (x - half - mean) / std)
-    b = torch.where(x >= 1 - half / 2, math.inf, (x + half - mean) / std)
-    flip = (a + b) > 0
-    lo, hi = torch.where(flip, -b, a), torch.where(flip, -a, b)
-    log_hi, log_lo = torch.special.log_ndtr(hi), torch.special.log_ndtr(lo)
-    return log_hi + torch.log(-torch.expm1(log_lo - log_hi))
-
-
 def _check_8bit(x0: Tensor, bins: int) -> None:
     k = (x0 + 1.0) * ((bins - 1) / 2.0)
     if bool(((k - k.round()).abs() > 1e-3).any()) or bool(((k < -1e-3) | (k > bins - 1 + 1e-3)).any()):
@@ -226,6 +207,17 @@ def _decoder_variance(schedule: NoiseSchedule, variance: str) -> float:
     return float(schedule.betas[0])
 
 
+def _reverse_model(schedule: NoiseSchedule, x_t: Tensor, out: DenoiserOutput, t: Tensor, variance: str) -> Gaussian:
+    """p(x_{t-1} | x_t): the learned variance when the denoiser has one, else the fixed ``variance``; at
+    index 0 the decoder variance of :func:`_decoder_variance` (the learned one is clipped there already)."""
+    if out.var_interp is not None:
+        return p_reverse(schedule, x_t, out.x0, t, "learned", out.var_interp)
+    model = p_reverse(schedule, x_t, out.x0, t, variance)
+    if int(t) == 0:  # mean = x0_pred at index 0
+        return Gaussian(model.mean, torch.full_like(model.mean, _decoder_variance(schedule, variance)))
+    return model
+
+
 def vlb_bits_per_dim(
     denoiser: Denoiser,
     x0: Tensor,
@@ -242,7 +234,8 @@ def vlb_bits_per_dim(
     L_T = KL(q(x_{T-1}|x0) || N(0, I)); L_{t-1} = KL(q(x_{t-1}|x_t, x0) || p(x_{t-1}|x_t)) with p
     from :func:`difflab.process.p_reverse` at ``variance``; L_0 = -log p(x0 | x_0) of the discretised
     Gaussian decoder. ``num_timesteps=n`` evaluates a uniformly random subset of n of the T-1 KL terms
-    (seeded by ``subset_seed``) scaled by (T-1)/n: an unbiased estimate of the sum.
+    (seeded by ``subset_seed``) scaled by (T-1)/n: an unbiased estimate of the sum. A denoiser that
+    learns its variance (``DenoiserOutput.var_interp``, Nichol & Dhariwal 2021) uses it and ignores ``variance``.
     """
     schedule = schedule or denoiser.schedule
     if variance not in ("small", "large"):
@@ -256,18 +249,16 @@ def vlb_bits_per_dim(
         ts = ts[torch.randperm(T - 1, generator=torch.Generator().manual_seed(subset_seed))[:num_timesteps]].sort().values
     noise = NoiseSource.from_any(generator, batch)
     diffusion = torch.zeros(batch, dtype=torch.float64, device=x0.device)
-    for t in ts.tolist():
+    for t in [*ts.tolist(), 0]:  # the KL terms, then the decoder at index 0
         x_t = q_sample(schedule, x0, torch.tensor(float(t)), noise.like(x0))
         tt = torch.tensor(t)  # one time for the whole batch: scalar coefficients
-        post = discrete_posterior(schedule, x0, x_t, tt)
-        model = p_reverse(schedule, x_t, denoiser(x_t, float(t)).x0, tt, variance)
-        diffusion += gaussian_kl(post.mean, post.var, model.mean, model.var).flatten(1).sum(1).to(torch.float64)
+        model = _reverse_model(schedule, x_t, denoiser(x_t, float(t)), tt, variance)
+        term = vlb_term(schedule, x0, x_t, tt, model, bins).flatten(1).sum(1).to(torch.float64)
+        if t == 0:
+            decoder = term
+        else:
+            diffusion += term
     diffusion *= (T - 1) / len(ts)
-    x_first = q_sample(schedule, x0, torch.tensor(0.0), noise.like(x0))
-    zero = torch.tensor(0)
-    mean = p_reverse(schedule, x_first, denoiser(x_first, 0.0).x0, zero, variance).mean  # = x0_pred at index 0
-    var = torch.full_like(mean, _decoder_variance(schedule, variance))
-    decoder = -discretized_gaussian_log_likelihood(x0, mean, var, bins).flatten(1).sum(1).to(torch.float64)
     q_T = q_marginal(schedule, x0, torch.tensor(T - 1))
     prior = gaussian_kl(q_T.mean, q_T.var, torch.zeros_like(q_T.mean), torch.ones_like(q_T.var)).flatten(1).sum(1).to(torch.float64)
     nats = prior + diffusion + decoder

@@ -3,10 +3,32 @@
 L_simple (Ho et al. 2020, eq. 14) draws t uniformly, noises x_0 with q(x_t|x_0) and regresses the
 network on its target (eps, x0 or v; :func:`difflab.process.target_for`) with a per-timestep weight
 w(t). With eps-prediction and w = 1 this is exactly ``E_{t, x0, eps} ||eps - eps_theta(x_t, t)||^2``.
+
+Weightings:
+
+- ``uniform``: w = 1 on the parameterization's own target (L_simple).
+- ``min_snr``: min-SNR-gamma (Hang et al. 2023, eq. 9): the x0-space weight min(SNR_t, gamma),
+  i.e. min(SNR, gamma) / SNR on the eps loss, min(SNR, gamma) on the x0 loss and
+  min(SNR, gamma) / (SNR + 1) on the v loss (conversion in
+  :func:`difflab.process.x0_error_per_target_error`). gamma = 5 is the paper's default.
+
+Losses (``loss=``), Nichol & Dhariwal 2021 ("Improved DDPM"); L_t is the VLB term of index t
+(:func:`difflab.vlb.vlb_term`: KL to the posterior for t >= 1, discretised decoder at t = 0) in bits/dim
+(mean over dimensions / ln 2), and T L_t is a one-sample estimate of L_vlb = sum_t L_t (the constant L_T
+left out):
+
+- ``simple``: w(t) ||target - prediction||^2 (above).
+- ``vlb``: T L_t, gradients through the mean and the variance (sec. 3.3); with a fixed variance the
+  model's variance is beta-tilde (v_raw = -1), clipped at t = 0.
+- ``hybrid``: L_simple + lambda T L_t with lambda = 0.001 and the mean detached inside L_t, so L_simple
+  alone trains the mean and L_vlb the learned variance (sec. 3.1); needs ``learn_variance``.
+
+With ``learn_variance`` the network returns 2C channels (:func:`difflab.process.split_variance_output`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -14,10 +36,18 @@ import torch
 from torch import Tensor
 
 from difflab.errors import UserError
-from difflab.process import target_for
+from difflab.process import (
+    p_reverse,
+    prediction_to_x0_eps,
+    split_variance_output,
+    target_for,
+    x0_error_per_target_error,
+)
 from difflab.schedules import NoiseSchedule, broadcast_to
+from difflab.vlb import vlb_term
 
-Weighting = Callable[[Tensor, str], Tensor]
+Weighting = Callable[[Tensor, str, float], Tensor]
+"""``w(snr, parameterization, gamma)``: the per-sample weight on the parameterization's regression loss."""
 _WEIGHTINGS: dict[str, Weighting] = {}
 
 
@@ -30,15 +60,56 @@ def register_weighting(name: str) -> Callable[[Weighting], Weighting]:
 
 
 @register_weighting("uniform")
-def uniform_weight(snr: Tensor, parameterization: str) -> Tensor:
+def uniform_weight(snr: Tensor, parameterization: str, gamma: float) -> Tensor:
     """w(t) = 1: L_simple."""
     return torch.ones_like(snr)
+
+
+@register_weighting("min_snr")
+def min_snr_weight(snr: Tensor, parameterization: str, gamma: float) -> Tensor:
+    """min(SNR_t, gamma) on the x0 error, expressed on the parameterization's target (Hang et al. 2023)."""
+    return snr.clamp(max=gamma) * x0_error_per_target_error(parameterization, snr)
+
+
+WEIGHTINGS: tuple[str, ...] = ("uniform", "min_snr")
 
 
 def get_weighting(name: str) -> Weighting:
     if name not in _WEIGHTINGS:
         raise UserError(f"unknown loss weighting {name!r}; use one of {sorted(_WEIGHTINGS)}")
     return _WEIGHTINGS[name]
+
+
+LOSSES: tuple[str, ...] = ("simple", "hybrid", "vlb")
+HYBRID_LAMBDA = 1e-3  # lambda of L_hybrid (Nichol & Dhariwal 2021, sec. 3.1)
+
+
+def check_objective(loss: str, learn_variance: bool, weighting: str = "uniform") -> None:
+    """Raise a one-line UserError for a loss that cannot train this model."""
+    if loss not in LOSSES:
+        raise UserError(f"unknown loss {loss!r}; use one of {', '.join(LOSSES)}")
+    if loss == "hybrid" and not learn_variance:
+        raise UserError("loss 'hybrid' needs a learned variance; set objective.learn_variance: true (--learn-variance) or use loss simple or vlb")
+    if loss == "simple" and learn_variance:
+        raise UserError("loss 'simple' cannot train a learned variance; use loss hybrid or vlb, or set objective.learn_variance: false")
+    if loss == "vlb" and weighting != "uniform":
+        raise UserError(f"weighting {weighting!r} weighs the regression loss, which loss 'vlb' does not have; use objective.weighting: uniform")
+
+
+def vlb_loss_term(
+    schedule: NoiseSchedule, x0: Tensor, x_t: Tensor, t: Tensor, pred: Tensor, v_raw: Tensor | None, parameterization: str
+) -> Tensor:
+    """Per-sample L_t in bits/dim (mean over dimensions / ln 2) of the model ``pred`` (eps / x0 / v) at x_t.
+
+    p(x_{t-1} | x_t) has the posterior mean at the predicted x0 and the learned variance of ``v_raw``
+    (Nichol & Dhariwal 2021, eq. 15); ``v_raw=None`` is the fixed beta-tilde variance (v_raw = -1).
+    """
+    t64 = t.to(torch.float64).cpu()
+    alpha, sigma = broadcast_to(schedule.alpha(t64), x_t), broadcast_to(schedule.sigma(t64), x_t)
+    x0_pred, _ = prediction_to_x0_eps(pred, parameterization, x_t, alpha, sigma)
+    v_raw = torch.full_like(x_t, -1.0) if v_raw is None else v_raw
+    model = p_reverse(schedule, x_t, x0_pred, t, "learned", v_raw)
+    return vlb_term(schedule, x0, x_t, t, model).flatten(1).mean(1) / math.log(2.0)
 
 
 def diffusion_loss(
@@ -50,18 +121,36 @@ def diffusion_loss(
     *,
     parameterization: str = "eps",
     weighting: str = "uniform",
+    min_snr_gamma: float = 5.0,
     cond: dict[str, Any] | None = None,
+    loss: str = "simple",
+    learn_variance: bool = False,
+    parts: dict[str, Tensor] | None = None,
 ) -> Tensor:
-    """Per-sample weighted regression loss ``w(t) * mean ||target - network(x_t, t)||^2``, shape (B,).
+    """Per-sample training loss, shape (B,): ``w(t) * mean ||target - network(x_t, t)||^2`` for ``loss="simple"``,
+    T L_t for ``"vlb"``, their hybrid for ``"hybrid"`` (module docstring).
 
     ``t`` are integer indices (B,) and ``noise`` ~ N(0, I) like ``x0``; both are passed in so that
-    the caller controls the random numbers (exact resume, distributed seeding).
+    the caller controls the random numbers (exact resume, distributed seeding). A dict ``parts``
+    receives the detached per-sample terms: ``"simple"`` and, for vlb / hybrid, ``"vlb"`` (L_t, bits/dim).
     """
+    check_objective(loss, learn_variance, weighting)
     t64 = t.to(torch.float64).cpu()
     alpha, sigma = broadcast_to(schedule.alpha(t64), x0), broadcast_to(schedule.sigma(t64), x0)
     x_t = alpha * x0 + sigma * noise
     pred = network(x_t, t.to(device=x0.device, dtype=torch.float32), **(cond or {}))
+    pred, v_raw = split_variance_output(pred, x0.shape[1]) if learn_variance else (pred, None)
     target = target_for(parameterization, x0, noise, alpha, sigma)
     per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
     snr = (schedule.alpha(t64) / schedule.sigma(t64)) ** 2
-    return get_weighting(weighting)(snr, parameterization).to(per_sample) * per_sample
+    simple = get_weighting(weighting)(snr, parameterization, min_snr_gamma).to(per_sample) * per_sample
+    if parts is not None:
+        parts["simple"] = simple.detach()
+    if loss == "simple":
+        return simple
+    mean_pred = pred.detach() if loss == "hybrid" else pred  # hybrid: L_vlb trains only the variance (sec. 3.1)
+    vlb = vlb_loss_term(schedule, x0.float(), x_t.float(), t, mean_pred.float(),
+                        None if v_raw is None else v_raw.float(), parameterization)
+    if parts is not None:
+        parts["vlb"] = vlb.detach()
+    return schedule.T * vlb if loss == "vlb" else simple + HYBRID_LAMBDA * schedule.T * vlb

@@ -81,6 +81,22 @@ def target_for(parameterization: str, x0: Tensor, eps: Tensor, alpha: Tensor, si
     raise UserError(f"unknown parameterization {parameterization!r}; use one of {PARAMETERIZATIONS}")
 
 
+def x0_error_per_target_error(parameterization: str, snr: Tensor) -> Tensor:
+    """Factor c with ||x0 - x0_hat||^2 = c ||target - target_hat||^2 at a fixed x_t.
+
+    From x0 = (x_t - sigma eps) / alpha and x0 = alpha x_t - sigma v: c = 1 / SNR for eps,
+    1 for x0 and sigma^2 = 1 / (SNR + 1) for v. Loss weightings defined on the x0 error
+    (e.g. min-SNR) use it to become weights on any parameterization's regression loss.
+    """
+    if parameterization == "eps":
+        return 1 / snr
+    if parameterization == "x0":
+        return torch.ones_like(snr)
+    if parameterization == "v":
+        return 1 / (snr + 1)
+    raise UserError(f"unknown parameterization {parameterization!r}; use one of {PARAMETERIZATIONS}")
+
+
 # ----- forward process -----------------------------------------------------------------------
 def _coef(values: Tensor, t: Tensor, x: Tensor) -> Tensor:
     return broadcast_to(values.to(x.device)[t.long()], x)
@@ -133,16 +149,65 @@ def p_reverse(
     x_t: Tensor,
     x0_pred: Tensor,
     t: Tensor,
-    variance: Literal["small", "large"] = "small",
+    variance: Literal["small", "large", "learned"] = "small",
+    v_raw: Tensor | None = None,
 ) -> Gaussian:
-    """p_theta(x_{t-1} | x_t) with fixed variance (Ho et al. 2020, sec. 3.2).
+    """p_theta(x_{t-1} | x_t) with fixed (Ho et al. 2020, sec. 3.2) or learned variance (Nichol & Dhariwal 2021).
 
     The mean is the posterior mean with the predicted x0; the variance is beta-tilde_t
-    (``"small"``, the posterior variance) or beta_t (``"large"``).
+    (``"small"``, the posterior variance), beta_t (``"large"``) or, for ``"learned"``,
+    exp(:func:`learned_log_variance`) of the network's variance output ``v_raw``.
     """
     post = discrete_posterior(schedule, x0_pred, x_t, t)
     if variance == "small":
         return post
     if variance == "large":
         return Gaussian(post.mean, _coef(schedule.betas, torch.as_tensor(t), x_t))
-    raise UserError(f"unknown variance {variance!r}; use 'small' (beta-tilde) or 'large' (beta)")
+    if variance == "learned":
+        if v_raw is None:
+            raise UserError("variance='learned' needs the network's variance output v_raw; see split_variance_output")
+        return Gaussian(post.mean, learned_log_variance(schedule, v_raw, t).exp())
+    raise UserError(f"unknown variance {variance!r}; use 'small' (beta-tilde), 'large' (beta) or 'learned'")
+
+
+# ----- learned variance (Nichol & Dhariwal 2021, sec. 3.1) ------------------------------------
+def split_variance_output(output: Tensor, channels: int) -> tuple[Tensor, Tensor]:
+    """Split a 2C-channel network output into (mean prediction, v_raw): the first C channels are the
+    eps / x0 / v prediction, the last C the variance interpolation v_raw (Nichol & Dhariwal 2021)."""
+    if output.ndim < 2 or output.shape[1] != 2 * channels:
+        raise UserError(f"a learned-variance model must output 2 x {channels} = {2 * channels} channels, got shape "
+                        f"{tuple(output.shape)}; build it with out_channels={2 * channels}")
+    return output[:, :channels], output[:, channels:]
+
+
+def interpolate_log_variance(v_raw: Tensor, log_small: Tensor | float, log_large: Tensor | float) -> Tensor:
+    """log Sigma = v log beta + (1 - v) log beta-tilde with v = (v_raw + 1) / 2 (Nichol & Dhariwal 2021, eq. 15).
+
+    ``log_small`` is log beta-tilde (the posterior variance), ``log_large`` log beta, of the step taken.
+    """
+    frac = (v_raw + 1) / 2
+    return frac * log_large + (1 - frac) * log_small
+
+
+def clipped_posterior_log_variance(schedule: NoiseSchedule) -> Tensor:
+    """log beta-tilde_t = log(beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)) for t = 0 .. T-1 (float64).
+
+    beta-tilde is 0 at index 0 (the step into clean data); it is clipped to its value at index 1, as in
+    Nichol & Dhariwal's released code, so that the learned variance at t = 0 is finite.
+    """
+    ab = schedule.alphas_cumprod
+    ab_prev = torch.cat([torch.ones(1, dtype=ab.dtype), ab[:-1]])
+    beta_tilde = schedule.betas * (1 - ab_prev) / (1 - ab)
+    return torch.cat([beta_tilde[1:2], beta_tilde[1:]]).log()
+
+
+def learned_log_variance(schedule: NoiseSchedule, v_raw: Tensor, t: Tensor) -> Tensor:
+    """log Sigma_theta(x_t, t) on the training grid (Nichol & Dhariwal 2021, eq. 15), shaped like ``v_raw``.
+
+    Interpolates between log beta_t and the clipped log beta-tilde_t (:func:`clipped_posterior_log_variance`)
+    with v = (v_raw + 1) / 2; ``t`` are integer indices, a scalar or one per sample.
+    """
+    t = torch.as_tensor(t)
+    log_small = _coef(clipped_posterior_log_variance(schedule), t, v_raw)
+    log_large = _coef(schedule.betas.log(), t, v_raw)
+    return interpolate_log_variance(v_raw, log_small, log_large)

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from difflab.errors import UserError
 
-ScheduleKind = Literal["linear", "cosine", "quadratic"]
+ScheduleKind = Literal["linear", "cosine", "quadratic", "scaled_linear"]
 CLEAN_T = -1.0  # time index of clean data (alpha_bar = 1, sigma = 0)
 
 
@@ -53,13 +53,29 @@ def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
     return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=max_beta)
 
 
-_BETA_FUNCTIONS = {"linear": linear_betas, "cosine": cosine_betas, "quadratic": quadratic_betas}
+def scaled_linear_betas(T: int, beta_min: float = 0.00085, beta_max: float = 0.012) -> Tensor:
+    """Stable Diffusion's "scaled_linear" betas: beta = linspace(sqrt(beta_min), sqrt(beta_max), T)^2.
+
+    The schedule of latent diffusion (Rombach et al. 2022; the ``beta_schedule: scaled_linear``,
+    ``linear_start 0.00085`` / ``linear_end 0.012`` of the Stable Diffusion configs). It is
+    :func:`quadratic_betas` with those defaults.
+    """
+    return quadratic_betas(T, beta_min, beta_max)
+
+
+_BETA_FUNCTIONS = {
+    "linear": linear_betas,
+    "cosine": cosine_betas,
+    "quadratic": quadratic_betas,
+    "scaled_linear": scaled_linear_betas,
+}
 
 
 class NoiseSchedule:
     """A discrete VP schedule of ``T`` steps with its continuous-time view.
 
-    Build one with :meth:`linear`, :meth:`cosine`, :meth:`quadratic` or :meth:`from_config`.
+    Build one with :meth:`linear`, :meth:`cosine`, :meth:`quadratic`, :meth:`scaled_linear` or
+    :meth:`from_config`.
     Discrete quantities are float64 tensors indexed ``0 .. T-1``; the continuous methods take
     ``t`` as a float or tensor in ``[-1, T-1]`` (see the module docstring for the unit).
     """
@@ -80,7 +96,7 @@ class NoiseSchedule:
     # ----- construction -------------------------------------------------------------------
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "NoiseSchedule":
-        """Build from ``{"kind": "linear"|"cosine"|"quadratic", "num_timesteps": T, ...}``."""
+        """Build from ``{"kind": "linear"|"cosine"|"quadratic"|"scaled_linear", "num_timesteps": T, ...}``."""
         config = dict(config)
         kind = config.pop("kind", "linear")
         if kind not in _BETA_FUNCTIONS:
@@ -101,6 +117,11 @@ class NoiseSchedule:
     @classmethod
     def quadratic(cls, T: int = 1000, beta_min: float = 1e-4, beta_max: float = 0.02) -> "NoiseSchedule":
         return cls.from_config({"kind": "quadratic", "num_timesteps": T, "beta_min": beta_min, "beta_max": beta_max})
+
+    @classmethod
+    def scaled_linear(cls, T: int = 1000, beta_min: float = 0.00085, beta_max: float = 0.012) -> "NoiseSchedule":
+        """Stable Diffusion's schedule (:func:`scaled_linear_betas`)."""
+        return cls.from_config({"kind": "scaled_linear", "num_timesteps": T, "beta_min": beta_min, "beta_max": beta_max})
 
     @classmethod
     def cosine(cls, T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> "NoiseSchedule":

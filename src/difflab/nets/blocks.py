@@ -50,14 +50,15 @@ class ResBlock(nn.Module):
     learned per-channel scale and shift, so they would be redundant.
 
     The embedding passed to ``forward`` must already be ``silu``-activated (the UNet does this once
-    for all blocks).
+    for all blocks). With ``emb_dim=None`` the block is unconditioned (the autoencoder's): ``norm2`` is
+    then affine and ``forward`` takes no embedding.
     """
 
     def __init__(
         self,
         in_channels: int,
         out_channels: int,
-        emb_dim: int,
+        emb_dim: int | None,
         dropout: float = 0.0,
         norm_groups: int = 32,
         dims: int = 2,
@@ -66,17 +67,19 @@ class ResBlock(nn.Module):
         self.dims = dims
         self.norm1 = group_norm(in_channels, norm_groups)
         self.conv1 = conv_nd(dims, in_channels, out_channels, 3, padding=1)
-        self.emb_proj = nn.Linear(emb_dim, 2 * out_channels)
-        self.norm2 = group_norm(out_channels, norm_groups, affine=False)
+        self.emb_proj = None if emb_dim is None else nn.Linear(emb_dim, 2 * out_channels)
+        self.norm2 = group_norm(out_channels, norm_groups, affine=emb_dim is None)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = conv_nd(dims, out_channels, out_channels, 3, padding=1)
         self.skip: nn.Module = (
             nn.Identity() if in_channels == out_channels else conv_nd(dims, in_channels, out_channels, 1)
         )
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        """``x``: ``(B, C_in, *spatial)``; ``emb``: activated embedding ``(B, emb_dim)``."""
+    def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
+        """``x``: ``(B, C_in, *spatial)``; ``emb``: activated embedding ``(B, emb_dim)`` (None if unconditioned)."""
         h = self.conv1(silu(self.norm1(x)))
+        if self.emb_proj is None:
+            return self.conv2(self.dropout(silu(self.norm2(h)))).add_(self.skip(x))
         scale_shift = self.emb_proj(emb)
         scale_shift = scale_shift.view(*scale_shift.shape, *([1] * self.dims))
         scale, shift = scale_shift.chunk(2, dim=1)

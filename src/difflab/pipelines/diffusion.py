@@ -43,6 +43,8 @@ class DiffusionPipeline:
     """An unconditional (for now) image diffusion model ready to sample.
 
     ``sampler`` may be changed at any time (``pipe.sampler = "dpmpp_2m"``); every registered sampler works.
+    ``learn_variance``: the UNet also outputs its variance (Nichol & Dhariwal 2021), which the ddpm sampler
+    uses; None infers it from the UNet (out_channels = 2 in_channels).
     """
 
     def __init__(
@@ -55,7 +57,15 @@ class DiffusionPipeline:
         sampler: str = "ddim",
         conditioner: Conditioner | None = None,
         extra_config: dict[str, Any] | None = None,
+        learn_variance: bool | None = None,
     ) -> None:
+        doubled = unet.config.resolved_out_channels == 2 * unet.config.in_channels
+        if learn_variance is None:
+            learn_variance = doubled
+        if learn_variance and not doubled:
+            raise UserError(f"learn_variance needs a UNet with out_channels = 2 x in_channels = {2 * unet.config.in_channels}, "
+                            f"got {unet.config.resolved_out_channels}; set learn_variance false or rebuild the model")
+        self.learn_variance = bool(learn_variance)
         self.unet = unet.eval()
         self.schedule = schedule
         self.parameterization = parameterization
@@ -70,6 +80,7 @@ class DiffusionPipeline:
             "model": self.unet.config.to_dict(),
             "schedule": self.schedule.to_config(),
             "parameterization": self.parameterization,
+            "learn_variance": self.learn_variance,
             "resolution": self.resolution,
             "sampler": self.sampler,
             "conditioning": self.conditioner.to_config(),
@@ -89,11 +100,11 @@ class DiffusionPipeline:
         try:
             unet = UNet(UNetConfig.from_dict(config["model"]))
             schedule = NoiseSchedule.from_config(config["schedule"])
-            known = {"model", "schedule", "parameterization", "resolution", "sampler", "format", "conditioning"}
+            known = {"model", "schedule", "parameterization", "resolution", "sampler", "format", "conditioning", "learn_variance"}
             extra = {k: v for k, v in config.items() if k not in known}
             pipe = cls(unet, schedule, config.get("parameterization", "eps"), resolution=int(config["resolution"]),
                        sampler=config.get("sampler", "ddim"), conditioner=Conditioner.from_config(config.get("conditioning")),
-                       extra_config=extra)
+                       extra_config=extra, learn_variance=config.get("learn_variance"))
         except KeyError as err:
             raise UserError(f"{Path(path) / 'config.json'} lacks the key {err}; re-export the model from its training run") from None
         load_weights(unet, weights, Path(path))
@@ -111,25 +122,11 @@ class DiffusionPipeline:
                  guidance_scale: float = 1.0, guidance_rescale: float = 0.0,
                  guidance_interval: tuple[float, float] | None = None, classifier: Any = None,
                  classifier_scale: float = 1.0, sampler: str | None = None) -> Denoiser:
-        """The model as a denoiser: classifier-free guided (Ho & Salimans 2022) for a conditional model,
-        then classifier guided (Dhariwal & Nichol 2021) when a noise-aware ``classifier`` is given, in the
-        mean-shift form (Alg. 1) for the ancestral ``sampler`` and in the eps form (Alg. 2) for all others."""
-        denoiser = Denoiser(self.unet, self.schedule, self.parameterization)
-        own_labels = class_labels if self.conditioner.kind == "class" or classifier is None else None
-        cond, uncond = self.conditioner.sampling_kwargs(batch, own_labels, prompt, negative_prompt)
-        if cond:
-            device = self.device
-            denoiser = CFGDenoiser(denoiser, {k: v.to(device) for k, v in cond.items()},
-                                   {k: v.to(device) for k, v in uncond.items()}, guidance_scale,
-                                   rescale=guidance_rescale, interval=guidance_interval, num_classes=self.conditioner.num_classes)
-        elif guidance_scale != 1.0:
-            raise UserError("guidance_scale needs a conditional model (trained with --conditioning class or text)")
-        if classifier is not None:
-            if class_labels is None:
-                raise UserError("classifier guidance needs the class to steer towards; pass class_labels / --class-label")
-            form = "mean" if getattr(get_sampler(sampler or self.sampler), "mean_shift_guidance", False) else "eps"
-            denoiser = ClassifierGuidedDenoiser(denoiser, classifier.to(self.device), class_labels, classifier_scale, form=form)
-        return denoiser
+        """The model as a denoiser, guided as :func:`guided_denoiser` says."""
+        denoiser = Denoiser(self.unet, self.schedule, self.parameterization, learn_variance=self.learn_variance)
+        return guided_denoiser(denoiser, self.conditioner, self.device, batch, class_labels, prompt, negative_prompt,
+                               guidance_scale, guidance_rescale, guidance_interval, classifier, classifier_scale,
+                               sampler or self.sampler)
 
     # ----- sampling -------------------------------------------------------------------------
     @torch.no_grad()
@@ -192,15 +189,53 @@ class DiffusionPipeline:
         ``kwargs`` are those of :meth:`__call__`; per-image lists (``class_labels``, ``prompt``,
         ``negative_prompt`` with one entry per image) are split along with the batches.
         """
-        if batch_size < 1:
-            raise UserError(f"batch_size must be >= 1, got {batch_size}")
-        parts = []
-        for first in range(0, num_images, batch_size):
-            n = min(batch_size, num_images - first)
-            rows = {k: _rows(v, first, n, num_images) if k in PER_IMAGE_ARGUMENTS else v for k, v in kwargs.items()}
-            parts.append(self(num_images=n, seed=seed + first, **rows))
+        parts = run_in_batches(lambda n, first_seed, rows: self(num_images=n, seed=first_seed, **rows),
+                               num_images, batch_size, seed, kwargs)
         return PipelineOutput(images=[image for part in parts for image in part.images],
                               samples=torch.cat([part.samples for part in parts]), nfe=parts[0].nfe)
+
+
+def guided_denoiser(denoiser: Denoiser, conditioner: Conditioner, device: torch.device, batch: int = 1,
+                    class_labels: Any = None, prompt: Any = None, negative_prompt: Any = None,
+                    guidance_scale: float = 1.0, guidance_rescale: float = 0.0,
+                    guidance_interval: tuple[float, float] | None = None, classifier: Any = None,
+                    classifier_scale: float = 1.0, sampler: Any = "ddim") -> Denoiser:
+    """``denoiser`` classifier-free guided (Ho & Salimans 2022) for a conditional model, then classifier
+    guided (Dhariwal & Nichol 2021) when a noise-aware ``classifier`` is given, in the mean-shift form
+    (Alg. 1) for the ancestral ``sampler`` and in the eps form (Alg. 2) for all others.
+
+    ``conditioner`` turns labels / prompts into the conditional and unconditional network arguments.
+    """
+    own_labels = class_labels if conditioner.kind == "class" or classifier is None else None
+    cond, uncond = conditioner.sampling_kwargs(batch, own_labels, prompt, negative_prompt)
+    if cond:
+        denoiser = CFGDenoiser(denoiser, {k: v.to(device) for k, v in cond.items()},
+                               {k: v.to(device) for k, v in uncond.items()}, guidance_scale,
+                               rescale=guidance_rescale, interval=guidance_interval, num_classes=conditioner.num_classes)
+    elif guidance_scale != 1.0:
+        raise UserError("guidance_scale needs a conditional model (trained with --conditioning class or text)")
+    if classifier is not None:
+        if class_labels is None:
+            raise UserError("classifier guidance needs the class to steer towards; pass class_labels / --class-label")
+        form = "mean" if getattr(get_sampler(sampler), "mean_shift_guidance", False) else "eps"
+        denoiser = ClassifierGuidedDenoiser(denoiser, classifier.to(device), class_labels, classifier_scale, form=form)
+    return denoiser
+
+
+def run_in_batches(call: Any, num_images: int, batch_size: int, seed: int, kwargs: dict[str, Any]) -> list[Any]:
+    """``call(n, first_seed, rows)`` for consecutive batches of at most ``batch_size`` images.
+
+    ``rows`` is ``kwargs`` with the per-image lists (:data:`PER_IMAGE_ARGUMENTS` with one entry per image)
+    cut to the batch; the batch starting at image ``first`` gets ``first_seed = seed + first``.
+    """
+    if batch_size < 1:
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    parts = []
+    for first in range(0, num_images, batch_size):
+        n = min(batch_size, num_images - first)
+        rows = {k: _rows(v, first, n, num_images) if k in PER_IMAGE_ARGUMENTS else v for k, v in kwargs.items()}
+        parts.append(call(n, seed + first, rows))
+    return parts
 
 
 def _rows(value: Any, first: int, n: int, total: int) -> Any:

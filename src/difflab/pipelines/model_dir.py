@@ -43,7 +43,7 @@ def ensure_writable_file(path: Path) -> Path:
     return path
 
 
-def _atomic_write(path: Path, write: Any) -> None:
+def atomic_write(path: Path, write: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
     with open(tmp, "rb") as f:
@@ -55,8 +55,8 @@ def save_model_dir(path: Path, config: dict[str, Any], model: nn.Module) -> None
     """Write ``config.json`` and ``model.safetensors`` (each by rename, so readers never see half a file)."""
     path = ensure_writable_dir(Path(path))
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(path / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
-    _atomic_write(path / CONFIG_NAME, lambda p: p.write_text(json.dumps({"format": FORMAT, **config}, indent=2)))
+    atomic_write(path / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
+    atomic_write(path / CONFIG_NAME, lambda p: p.write_text(json.dumps({"format": FORMAT, **config}, indent=2)))
 
 
 def read_model_dir(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -3,8 +3,11 @@
 Between grid points t > s the step draws from p(x_s | x_t) = N(mu, var): mu is the mean of the exact
 posterior q(x_s | x_t, x0) at the predicted x0 (Kingma et al. 2021, eq. 32-33, :func:`process.posterior`);
 var is its variance ("small", beta-tilde for adjacent steps) or sigma_{t|s}^2 = 1 - alpha_t^2 / alpha_s^2
-("large", beta_t for adjacent steps). The step into the clean end adds no noise and returns the x0
-prediction. NFE = number of steps.
+("large", beta_t for adjacent steps). A model that learns its variance (``DenoiserOutput.var_interp``)
+uses log var = v log beta_{t|s} + (1 - v) log beta-tilde_{t|s}, v = (v_raw + 1) / 2, with the step's own
+beta_{t|s} = 1 - alpha_bar_t / alpha_bar_s and posterior variance beta-tilde_{t|s} (Nichol & Dhariwal 2021,
+eq. 15 and sec. 4 for strided grids); ``variance`` then does not apply. The step into the clean end adds no
+noise and returns the x0 prediction. NFE = number of steps.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from torch import Tensor
 from difflab.denoiser import Denoiser
 from difflab.errors import UserError
 from difflab.noise import NoiseSource
-from difflab.process import posterior
+from difflab.process import interpolate_log_variance, posterior
 from difflab.samplers._common import steps
 from difflab.samplers.registry import register_sampler
 
@@ -26,7 +29,8 @@ from difflab.samplers.registry import register_sampler
 def ddpm(
     denoiser: Denoiser, x: Tensor, timesteps: Tensor, noise: NoiseSource, *, variance: Literal["small", "large"] = "small"
 ) -> Tensor:
-    """DDPM ancestral sampler; ``variance="small"`` (beta-tilde) or ``"large"`` (beta), Ho et al. 2020, sec. 3.2.
+    """DDPM ancestral sampler; ``variance="small"`` (beta-tilde) or ``"large"`` (beta), Ho et al. 2020, sec. 3.2;
+    a model with a learned variance uses its own (Nichol & Dhariwal 2021, see the module docstring).
 
     A classifier-guided denoiser of ``form="mean"`` shifts each noisy step's mean by ``s Sigma grad log p(y|x_t)``
     (Dhariwal & Nichol 2021, Alg. 1).
@@ -35,12 +39,18 @@ def ddpm(
         raise UserError(f"unknown variance {variance!r}; use 'small' (beta-tilde) or 'large' (beta)")
     shift = getattr(denoiser, "ancestral_shift", None) if getattr(denoiser, "form", "eps") == "mean" else None
     for _, cur, nxt in steps(denoiser.schedule, timesteps):
-        x0 = denoiser(x, cur.t).x0
-        post = posterior(x, x0, nxt.alpha, nxt.sigma, cur.alpha, cur.sigma)
+        out = denoiser(x, cur.t)
+        post = posterior(x, out.x0, nxt.alpha, nxt.sigma, cur.alpha, cur.sigma)
         if nxt.clean:
             x = post.mean
             continue
-        var = post.var if variance == "small" else 1.0 - (cur.alpha / nxt.alpha) ** 2
+        beta = 1.0 - (cur.alpha / nxt.alpha) ** 2
+        if out.var_interp is not None:  # learned: log var interpolated on this step (Nichol & Dhariwal 2021, sec. 4)
+            log_var = interpolate_log_variance(out.var_interp, math.log(post.var), math.log(beta))
+            var, std = log_var.exp(), (0.5 * log_var).exp()
+        else:
+            var = post.var if variance == "small" else beta
+            std = math.sqrt(var)
         mean = post.mean if shift is None else shift(x, cur.t, post.mean, var)  # classifier guidance, Alg. 1
-        x = mean + math.sqrt(var) * noise.like(x)
+        x = mean + std * noise.like(x)
     return x

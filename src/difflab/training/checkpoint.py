@@ -1,19 +1,23 @@
-"""Training checkpoints: safetensors plus JSON, written atomically, read back exactly.
+"""Training checkpoints: safetensors plus JSON, written atomically, verified when read, the last K kept.
 
-Layout of ``OUT/checkpoint/``: ``model.safetensors`` (training weights), ``ema.safetensors``,
-``optimizer.safetensors`` (every state tensor) and ``state.json`` (step, config, optimizer
-hyper-parameters, EMA counter, RNG states). A new checkpoint is written to a temporary folder, flushed
-to disk, then swapped in by renames, so a crash or kill at any moment leaves either the old or the new
-checkpoint complete (``checkpoint.old`` is the fallback while the swap is in flight).
+Layout: ``OUT/checkpoints/step_0000400/`` holds ``model.safetensors`` (training weights),
+``ema.safetensors``, ``optimizer.safetensors`` (every state tensor), ``rng.safetensors``,
+``state.json`` (step, config, optimizer hyper-parameters, EMA counter, RNG states, ...) and
+``manifest.json`` (size and SHA-256 of every other file). A checkpoint is written into a temporary
+folder, flushed to disk, and only then renamed to its final name, so a crash, a kill or a full disk
+at any moment leaves every earlier checkpoint complete. Reading verifies the manifest; a truncated or
+corrupted checkpoint is skipped with a warning and the newest intact one is used.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +27,27 @@ from safetensors.torch import load_file, save_file
 
 from difflab.errors import UserError
 
-CHECKPOINT = "checkpoint"
+CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
 
 
 def _fsync_dir(path: Path) -> None:
     for file in path.iterdir():
         with open(file, "rb") as f:
             os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def optimizer_to_flat(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -80,34 +98,77 @@ def _tupled(x: Any) -> Any:
     return tuple(_tupled(v) for v in x) if isinstance(x, list) else x
 
 
-def save_checkpoint(out_dir: Path, tensors: dict[str, dict[str, torch.Tensor]], state: dict[str, Any]) -> Path:
-    """Write ``{name}.safetensors`` for each entry of ``tensors`` plus ``state.json``, atomically."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    final, old = out_dir / CHECKPOINT, out_dir / f"{CHECKPOINT}.old"
-    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=out_dir))
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def save_checkpoint(
+    out_dir: Path, tensors: dict[str, dict[str, torch.Tensor]], state: dict[str, Any], *, keep: int = 3
+) -> Path:
+    """Write ``{name}.safetensors`` per entry of ``tensors``, ``state.json`` and the manifest, atomically.
+
+    The checkpoint becomes ``OUT/checkpoints/step_N`` by one rename after everything is on disk; then
+    all but the newest ``keep`` checkpoints are deleted. On any error the partial folder is removed and
+    the earlier checkpoints are untouched.
+    """
+    root = out_dir / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):  # left by a process killed mid-write; one writer per run, so never in use
+        shutil.rmtree(stale, ignore_errors=True)
+    final = root / checkpoint_name(int(state["step"]))
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
         for name, group in tensors.items():
             save_file({k: v.detach().cpu().contiguous() for k, v in group.items()}, str(tmp / f"{name}.safetensors"))
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        manifest = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         _fsync_dir(tmp)
-        if final.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            final.rename(old)
+        if final.exists():  # the same step saved again (e.g. Ctrl-C right after a periodic save)
+            shutil.rmtree(final)
         tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for old in list_checkpoints(out_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def list_checkpoints(out_dir: Path) -> list[Path]:
+    """Checkpoint folders in ``out_dir``, oldest first (by step); not verified."""
+    root = out_dir / CHECKPOINTS
+    return sorted(root.glob("step_*")) if root.is_dir() else []
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """``None`` if every file listed in the manifest is present with its size and SHA-256, else the problem."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return "its manifest.json is missing or unreadable"
+    for name, expected in manifest.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != expected["bytes"]:
+            return f"{name} has {file.stat().st_size} bytes instead of {expected['bytes']} (truncated)"
+        if _sha256(file) != expected["sha256"]:
+            return f"{name} does not match its checksum (corrupted)"
+    return None
+
+
 def find_checkpoint(out_dir: Path) -> Path | None:
-    """The complete checkpoint in ``out_dir`` (the fallback copy if a swap was interrupted)."""
-    for name in (CHECKPOINT, f"{CHECKPOINT}.old"):
-        path = out_dir / name
-        if (path / "state.json").is_file():
+    """The newest intact checkpoint in ``out_dir``; broken newer ones are skipped with a warning."""
+    found = list_checkpoints(out_dir)
+    for path in reversed(found):
+        problem = verify_checkpoint(path)
+        if problem is None:
             return path
+        warnings.warn(f"checkpoint {path} is damaged ({problem}); falling back to the previous one", stacklevel=2)
+    if found:
+        raise UserError(f"no intact checkpoint in {out_dir / CHECKPOINTS} (all {len(found)} are damaged); "
+                        "start a new run with another --out")
     return None
 
 

@@ -11,7 +11,10 @@ from typing import Any
 import yaml
 
 from difflab.errors import UserError
+from difflab.losses import LOSSES, WEIGHTINGS, check_objective
 from difflab.process import PARAMETERIZATIONS
+from difflab.training.posthoc_ema import SIGMA_REL_MAX
+from difflab.training.timesteps import TIMESTEP_SAMPLINGS
 
 
 @dataclass
@@ -33,7 +36,11 @@ class ConditioningConfig:
 @dataclass
 class ObjectiveConfig:
     parameterization: str = "eps"  # eps | x0 | v
-    weighting: str = "uniform"
+    weighting: str = "uniform"  # uniform | min_snr (Hang et al. 2023)
+    min_snr_gamma: float = 5.0
+    learn_variance: bool = False  # network outputs 2C channels: prediction and variance (Nichol & Dhariwal 2021)
+    loss: str = "simple"  # simple | hybrid | vlb (hybrid needs learn_variance)
+    timestep_sampling: str = "uniform"  # uniform | importance (importance: loss vlb or hybrid only)
 
 
 @dataclass
@@ -52,9 +59,18 @@ class OptimConfig:
 class LogConfig:
     sample_every: int = 500  # steps between sample grids (0: never)
     checkpoint_every: int = 500  # steps between checkpoints (0: only at the end)
+    keep_checkpoints: int = 3  # newest checkpoints kept in OUT/checkpoints (older ones are deleted)
     num_samples: int = 16
     sample_steps: int = 25
     sampler: str = "ddim"
+
+
+@dataclass
+class PostHocEMAConfig:
+    """Power-function EMA snapshots for post-hoc EMA (Karras et al. 2024, EDM2 sec. 3); see docs/posthoc_ema.md."""
+
+    sigma_rels: list = field(default_factory=lambda: [0.05, 0.1])  # EMA lengths of the trackers (EDM2 uses 0.05, 0.10)
+    snapshot_every: int = 0  # steps between snapshots into OUT/ema_snapshots (0: off)
 
 
 @dataclass
@@ -67,6 +83,7 @@ class TrainConfig:
     conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    posthoc_ema: PostHocEMAConfig = field(default_factory=PostHocEMAConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -88,19 +105,39 @@ class TrainConfig:
         _check(o.mixed_precision in ("no", "fp16", "bf16"), "optim.mixed_precision", o.mixed_precision, "use no, fp16 or bf16")
         _check(self.objective.parameterization in PARAMETERIZATIONS, "objective.parameterization",
                self.objective.parameterization, f"use one of {', '.join(PARAMETERIZATIONS)}")
+        _check(self.objective.weighting in WEIGHTINGS, "objective.weighting", self.objective.weighting,
+               f"use one of {', '.join(WEIGHTINGS)}")
+        _check(self.objective.min_snr_gamma > 0, "objective.min_snr_gamma", self.objective.min_snr_gamma, "must be > 0; 5 is usual")
+        self._validate_loss()
         c = self.conditioning
         _check(c.kind in ("none", "class", "text"), "conditioning.kind", c.kind, "use none, class or text")
         _check(0 <= c.dropout <= 1, "conditioning.dropout", c.dropout, "must lie in [0, 1]; 0.1 is usual")
         for name in ("sample_every", "checkpoint_every"):
             _check(getattr(log, name) >= 0, f"log.{name}", getattr(log, name), "must be >= 0")
+        _check(log.keep_checkpoints >= 1, "log.keep_checkpoints", log.keep_checkpoints, "must be >= 1")
         _check(log.num_samples >= 1, "log.num_samples", log.num_samples, "must be >= 1")
         _check(log.sample_steps >= 1, "log.sample_steps", log.sample_steps, "must be >= 1")
+        p = self.posthoc_ema
+        _check(p.snapshot_every >= 0, "posthoc_ema.snapshot_every", p.snapshot_every, "must be >= 0 (0: off)")
+        _check(len(p.sigma_rels) > 0 and len(set(p.sigma_rels)) == len(p.sigma_rels) and all(
+            isinstance(s, (int, float)) and not isinstance(s, bool) and 0 < s < SIGMA_REL_MAX for s in p.sigma_rels),
+            "posthoc_ema.sigma_rels", p.sigma_rels, f"give distinct EMA lengths in (0, {SIGMA_REL_MAX:.5f}), e.g. [0.05, 0.1]")
         if self.data.exclude:
             _check(self.data.dataset == "shapes", "data.exclude", self.data.exclude, "held-out combinations exist only for the shapes dataset")
             _check(all(isinstance(p, (list, tuple)) and len(p) == 2 for p in self.data.exclude), "data.exclude",
                    self.data.exclude, "give (shape, colour) pairs, e.g. [[circle, blue]]")
         if self.data.resolution is not None:
             _check(self.data.resolution >= 4, "data.resolution", self.data.resolution, "must be >= 4")
+
+
+    def _validate_loss(self) -> None:
+        ob = self.objective
+        _check(ob.loss in LOSSES, "objective.loss", ob.loss, f"use one of {', '.join(LOSSES)}")
+        _check(ob.timestep_sampling in TIMESTEP_SAMPLINGS, "objective.timestep_sampling", ob.timestep_sampling,
+               f"use one of {', '.join(TIMESTEP_SAMPLINGS)}")
+        _check(ob.timestep_sampling != "importance" or ob.loss in ("vlb", "hybrid"), "objective.timestep_sampling",
+               ob.timestep_sampling, "importance sampling weighs the VLB terms: use it with loss vlb or hybrid")
+        check_objective(ob.loss, ob.learn_variance, ob.weighting)
 
 
 def _check(ok: bool, key: str, value: Any, rule: str) -> None:
@@ -132,6 +169,8 @@ def _cast(value: Any, default: Any, key: str) -> Any:
         if isinstance(default, dict) and not isinstance(value, dict):
             raise UserError(f"config key {key} must be a mapping, got {value!r}")
         return value
+    if isinstance(default, list) and not isinstance(value, (list, tuple)):
+        raise UserError(f"config key {key} must be a list, got {value!r}")
     try:
         if isinstance(default, bool):
             return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")

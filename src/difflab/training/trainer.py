@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from difflab.conditioner import Conditioner
@@ -34,8 +33,11 @@ from difflab.pipelines.diffusion import DiffusionPipeline
 from difflab.pipelines.model_dir import ensure_writable_dir
 from difflab.schedules import NoiseSchedule
 from difflab.training import checkpoint as ckpt
+from difflab.training import posthoc_ema
 from difflab.training.config import TrainConfig
+from difflab.training.distributed import make_accelerator
 from difflab.training.ema import EMA
+from difflab.training.timesteps import make_timestep_sampler
 
 MAX_BAD_STEPS = 3
 PREVIEW_GUIDANCE = 3.0  # classifier-free guidance scale of the periodic sample grids
@@ -60,7 +62,7 @@ class Trainer:
         self.config = config
         self.out_dir = Path(out_dir)
         self.progress = progress
-        self.accelerator = Accelerator(mixed_precision=config.optim.mixed_precision)
+        self.accelerator = make_accelerator(config.optim.mixed_precision)
         if self.accelerator.is_main_process:
             ensure_writable_dir(self.out_dir)
         d = config.data
@@ -73,9 +75,15 @@ class Trainer:
         model_cfg = {"in_channels": self.dataset.channels, **self.conditioner.unet_fields(), **config.model}
         if model_cfg["in_channels"] != self.dataset.channels:
             raise UserError(f"model.in_channels={model_cfg['in_channels']} but the dataset has {self.dataset.channels} channels; remove the key")
+        if config.objective.learn_variance:  # prediction and variance interpolation (Nichol & Dhariwal 2021)
+            if model_cfg.get("out_channels") not in (None, 2 * self.dataset.channels):
+                raise UserError(f"model.out_channels={model_cfg['out_channels']} but learn_variance needs "
+                                f"{2 * self.dataset.channels} (twice the data's channels); remove the key")
+            model_cfg["out_channels"] = 2 * self.dataset.channels
         torch.manual_seed(config.seed)
         self.model = UNet(UNetConfig.from_dict(model_cfg))
         self.schedule = NoiseSchedule.from_config(config.schedule)
+        self.timestep_sampler = make_timestep_sampler(config.objective.timestep_sampling, self.schedule.T)
         if config.objective.parameterization == "eps" and self.schedule.alphas_cumprod[-1] < 1e-6:
             warnings.warn(f"eps-prediction on a schedule whose alpha_bar_T is {self.schedule.alphas_cumprod[-1]:.1e}: "
                           "x0 = (x - sigma eps) / alpha multiplies eps errors by up to 1/alpha_T at the first sampling "
@@ -86,8 +94,12 @@ class Trainer:
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / max(o.warmup_steps, 1)))
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.ema.model.to(self.accelerator.device)
+        ph = config.posthoc_ema  # power-function EMA trackers (main process only: only it writes snapshots)
+        self.posthoc_ema = ([posthoc_ema.PowerEMA(self.accelerator.unwrap_model(self.model), s) for s in ph.sigma_rels]
+                            if ph.snapshot_every and self.accelerator.is_main_process else [])
         self.step = 0
-        self.bad_steps = 0
+        self.bad_steps = 0  # non-finite steps in a row
+        self.skipped_steps = 0  # non-finite steps in total
         self._order: tuple[int, torch.Tensor | None] = (-1, None)  # (epoch, its data order), see _epoch_order
 
     # ----- randomness as a function of (seed, step) -------------------------------------------
@@ -111,12 +123,15 @@ class Trainer:
             self._order = (epoch, torch.randperm(len(self.dataset), generator=self._generator(1, epoch)))
         return self._order[1]
 
-    def _local_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """This process's slice of the global (images, timesteps, noise, network conditions) at ``step``."""
+    def _local_batch(
+        self, step: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """This process's slice of the global (images, timesteps, noise, network conditions, timestep weights)
+        at ``step``; t and its weight 1 / (T p_t) come from :attr:`timestep_sampler`."""
         items = [self.dataset[int(i)] for i in self._batch_indices(step)]
         g = self._generator(2, step)
         x0 = torch.stack([item["image"] for item in items])
-        t = torch.randint(0, self.schedule.T, (len(items),), generator=g)
+        t, weights = self.timestep_sampler.sample(len(items), g)
         noise = torch.randn(x0.shape, generator=g)
         drop = drop_mask(len(items), self.config.conditioning.dropout, g)
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
@@ -124,36 +139,53 @@ class Trainer:
         mine = slice(rank, None, world)
         labels = torch.tensor([item["label"] for item in items])[mine]
         cond = self.conditioner.training_kwargs(labels, [item["caption"] for item in items][mine], drop[mine], dev)
-        return x0[mine].to(dev), t[mine], noise[mine].to(dev), cond
+        return x0[mine].to(dev), t[mine], noise[mine].to(dev), cond, weights[mine].to(dev)
 
     # ----- one optimisation step --------------------------------------------------------------
     def train_step(self, step: int) -> float:
-        x0, t, noise, cond = self._local_batch(step)
+        x0, t, noise, cond, weights = self._local_batch(step)
+        ob = self.config.objective
+        parts: dict[str, torch.Tensor] = {}  # per-sample loss terms, filled by diffusion_loss
         self.model.train()
         with self.accelerator.autocast():
-            losses = diffusion_loss(self.model, x0, self.schedule, t, noise,
-                                    parameterization=self.config.objective.parameterization,
-                                    weighting=self.config.objective.weighting, cond=cond)
-        loss = losses.mean()
+            losses = diffusion_loss(self.model, x0, self.schedule, t, noise, parameterization=ob.parameterization,
+                                    weighting=ob.weighting, min_snr_gamma=ob.min_snr_gamma, cond=cond,
+                                    loss=ob.loss, learn_variance=ob.learn_variance, parts=parts)
+        loss = (losses * weights.to(losses.dtype)).mean()  # weights 1 / (T p_t): unbiased under any p_t
         self.optimizer.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
-        if self.config.optim.grad_clip > 0:
-            self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
+        clip = self.config.optim.grad_clip if self.config.optim.grad_clip > 0 else math.inf
+        grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), clip))  # gradients are already averaged
         loss_value = self.accelerator.reduce(loss.detach(), reduction="mean").item()
-        if not math.isfinite(loss_value):
+        # fp16: the gradient scaler itself skips steps with overflowing gradients while it calibrates.
+        grads_ok = math.isfinite(grad_norm) or self.config.optim.mixed_precision == "fp16"
+        if not (math.isfinite(loss_value) and grads_ok):
             return self._skip_bad_step(step)
         self.bad_steps = 0
+        if "vlb" in parts:  # every process records the whole global batch, so their samplers stay identical
+            gathered_t = self.accelerator.gather(t.to(self.accelerator.device))
+            self.timestep_sampler.update(gathered_t, self.accelerator.gather(parts["vlb"]))
         self.optimizer.step()
         self.lr_schedule.step()
         self.ema.update(self.accelerator.unwrap_model(self.model))
         return loss_value
 
+    def _update_posthoc_ema(self) -> None:
+        """Power-function EMAs after every step (skipped ones too), snapshots every ``snapshot_every`` steps and at the end."""
+        model, every = self.accelerator.unwrap_model(self.model), self.config.posthoc_ema.snapshot_every
+        for tracker in self.posthoc_ema:
+            tracker.update(model, self.step)
+            if self.step % every == 0 or self.step == self.config.optim.steps:
+                posthoc_ema.save_snapshot(self.out_dir, tracker)
+
     def _skip_bad_step(self, step: int) -> float:
+        """Drop this step's update (a NaN/Inf loss or gradient); stop after ``MAX_BAD_STEPS`` in a row."""
         self.optimizer.zero_grad(set_to_none=True)
         self.bad_steps += 1
+        self.skipped_steps += 1
         if self.bad_steps >= MAX_BAD_STEPS:
             raise UserError(
-                f"the loss was NaN/Inf for {MAX_BAD_STEPS} steps in a row (last at step {step}); lower optim.lr or use "
+                f"the loss or its gradient was NaN/Inf for {MAX_BAD_STEPS} steps in a row (last at step {step}); lower optim.lr or use "
                 f"mixed_precision bf16/no instead of fp16; the last good checkpoint in {self.out_dir} is kept"
             )
         return float("nan")
@@ -174,9 +206,13 @@ class Trainer:
         opt_tensors, opt_meta = ckpt.optimizer_to_flat(self.optimizer.state_dict())
         rng_tensors, rng_meta = ckpt.rng_state()
         state = {"step": self.step, "config": self.config.to_dict(), "optimizer": opt_meta, "rng": rng_meta,
-                 "ema_updates": self.ema.num_updates, "lr_schedule": self.lr_schedule.state_dict(), "bad_steps": self.bad_steps}
+                 "ema_updates": self.ema.num_updates, "lr_schedule": self.lr_schedule.state_dict(), "bad_steps": self.bad_steps,
+                 "skipped_steps": self.skipped_steps}
         tensors = {"model": model.state_dict(), "ema": self.ema.model.state_dict(), "optimizer": opt_tensors, "rng": rng_tensors}
-        ckpt.save_checkpoint(self.out_dir, tensors, state)
+        tensors["timestep_sampler"] = self.timestep_sampler.state_dict()
+        ph_tensors, state["posthoc_ema"] = posthoc_ema.checkpoint_entries(self.posthoc_ema)
+        tensors.update(ph_tensors)
+        ckpt.save_checkpoint(self.out_dir, tensors, state, keep=self.config.log.keep_checkpoints)
         self.pipeline().save_pretrained(self.out_dir)
 
     def restore(self, path: Path) -> None:
@@ -187,7 +223,9 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt.optimizer_from_flat(tensors["optimizer"], state["optimizer"]))
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         ckpt.set_rng_state(tensors["rng"], state["rng"])
-        self.step, self.bad_steps = state["step"], state.get("bad_steps", 0)
+        posthoc_ema.load_checkpoint_entries(self.posthoc_ema, tensors, state["posthoc_ema"])
+        self.timestep_sampler.load_state_dict(tensors["timestep_sampler"])
+        self.step, self.bad_steps, self.skipped_steps = state["step"], state["bad_steps"], state["skipped_steps"]
 
     def save_samples(self) -> Path | None:
         if not self.accelerator.is_main_process:
@@ -220,12 +258,13 @@ class Trainer:
             while self.step < o.steps:
                 loss = self.train_step(self.step)
                 self.step += 1
+                self._update_posthoc_ema()
                 if math.isfinite(loss):
                     smoothed = loss if not math.isfinite(smoothed) else 0.98 * smoothed + 0.02 * loss
                 rate = (self.step - start_step) * o.batch_size / (time.perf_counter() - started)
                 bar.update(1)
                 bar.set_postfix(loss=f"{smoothed:.4f}", img_s=f"{rate:.1f}")
-                self._log_line({"step": self.step, "loss": loss, "images_per_second": rate})
+                self._log_line({"step": self.step, "loss": loss, "images_per_second": rate, "skipped_steps": self.skipped_steps})
                 if log.checkpoint_every and self.step % log.checkpoint_every == 0 and self.step < o.steps:
                     self.save()
                 if log.sample_every and self.step % log.sample_every == 0:
