@@ -12,8 +12,13 @@ timed round-robin (one iteration of each in turn), so load from other processes 
 diffusers is timed both in contiguous and channels-last memory format and the faster one is the
 reference. Prints a Markdown table.
 
+``--precision bf16`` runs both models under bf16 autocast (as ``mixed_precision: bf16`` does in training)
+and measures the peak as the best bf16 ``torch.mm``; ``--grad-checkpointing`` turns on difflab's
+activation recomputation (diffusers' UNet2DModel is timed without it).
+
 Usage:
     python bench/bench_unet.py                 # about 1-2 minutes on a quiet 2-core machine
+    python bench/bench_unet.py --precision bf16
     python bench/bench_unet.py --iters 10 --threads 2
     python bench/bench_unet.py --preset tiny32 --no-diffusers   # the demo model alone
 """
@@ -100,9 +105,9 @@ def count_flops(net: nn.Module, train: bool, batch: int = 1) -> float:
     return counter.get_total_flops() / batch
 
 
-def matmul_peak(n: int, reps: int, clock: Callable[[], float]) -> float:
-    """Best fp32 ``torch.mm`` rate in FLOP/s for ``n x n`` matrices (``2 n^3`` FLOPs each)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak(n: int, reps: int, clock: Callable[[], float], dtype: torch.dtype = torch.float32) -> float:
+    """Best ``torch.mm`` rate in FLOP/s for ``n x n`` matrices of ``dtype`` (``2 n^3`` FLOPs each)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     torch.mm(a, b)
     best = float("inf")
     for _ in range(reps):
@@ -112,7 +117,11 @@ def matmul_peak(n: int, reps: int, clock: Callable[[], float]) -> float:
     return 2 * n**3 / best
 
 
-def train_step_fn(e: Entry, batch: int) -> Callable[[], None]:
+def autocast(precision: str) -> torch.autocast:
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def train_step_fn(e: Entry, batch: int, precision: str = "fp32") -> Callable[[], None]:
     """A closure doing one training step of ``e.net`` on fixed random data."""
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 3, SIZE, SIZE, generator=gen)
@@ -125,14 +134,15 @@ def train_step_fn(e: Entry, batch: int) -> Callable[[], None]:
     def step() -> None:
         e.net.train()
         opt.zero_grad(set_to_none=True)
-        loss = (forward(e.net, x, t) - noise).square().mean()
+        with autocast(precision):
+            loss = (forward(e.net, x, t).float() - noise).square().mean()
         loss.backward()
         opt.step()
 
     return step
 
 
-def sample_step_fn(e: Entry, batch: int) -> Callable[[], None]:
+def sample_step_fn(e: Entry, batch: int, precision: str = "fp32") -> Callable[[], None]:
     """A closure doing one no-grad eval forward pass, as a sampler does at each step."""
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(batch, 3, SIZE, SIZE, generator=gen)
@@ -142,7 +152,7 @@ def sample_step_fn(e: Entry, batch: int) -> Callable[[], None]:
 
     def step() -> None:
         e.net.eval()
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(precision):
             forward(e.net, x, t)
 
     return step
@@ -183,7 +193,7 @@ def load_note() -> str:
     return f"; load average {load:.1f} on {cores} cores at the end{busy}"
 
 
-def report(entries: list[Entry], batch: int, peak: float, clock: str, argv: list[str]) -> str:
+def report(entries: list[Entry], batch: int, peak: float, clock: str, argv: list[str], precision: str = "fp32") -> str:
     """The Markdown report: settings, then one row per model; ratios are to the faster diffusers."""
 
     def rate(seconds: list[float]) -> float:
@@ -197,7 +207,7 @@ def report(entries: list[Entry], batch: int, peak: float, clock: str, argv: list
         "",
         f"Date: {datetime.date.today().isoformat()}; torch {torch.__version__}; "
         f"threads {torch.get_num_threads()}; clock {clock}; CPU: {cpu_name()}; "
-        f"batch {batch}, {SIZE}x{SIZE} RGB, fp32; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s{load_note()}",
+        f"batch {batch}, {SIZE}x{SIZE} RGB, {precision}; {precision} matmul peak {peak / 1e9:.1f} GFLOP/s{load_note()}",
         "",
         "| model | params | GFLOP/img fwd | train img/s | train % peak | vs diffusers | "
         "sample img/s | sample % peak | vs diffusers |",
@@ -239,6 +249,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "machine (use with --threads 1)",
     )
     p.add_argument("--peak-size", type=int, default=2048, help="matrix size for the matmul peak")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="fp32, or bf16 autocast for every model")
+    p.add_argument("--grad-checkpointing", action="store_true", help="difflab's UNet recomputes activations in backward")
     return p.parse_args(argv)
 
 
@@ -246,7 +258,8 @@ def main(argv: list[str]) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    entries = make_entries(UNetConfig.preset(args.preset), with_diffusers=not args.no_diffusers)
+    config = UNetConfig.preset(args.preset, gradient_checkpointing=args.grad_checkpointing)
+    entries = make_entries(config, with_diffusers=not args.no_diffusers)
     flops: dict[str, tuple[float, float]] = {}  # by architecture: both diffusers entries share one
     for e in entries:
         arch = type(e.net).__name__
@@ -256,15 +269,15 @@ def main(argv: list[str]) -> None:
         gflop = e.fwd_flops / 1e9
         print(f"{e.name}: {e.params:,} parameters, {gflop:.3f} GFLOP/image forward", file=sys.stderr)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
-    peak = matmul_peak(args.peak_size, reps=10, clock=clock)
-    steps = [train_step_fn(e, args.batch) for e in entries]
+    peak = matmul_peak(args.peak_size, reps=10, clock=clock, dtype=torch.bfloat16 if args.precision == "bf16" else torch.float32)
+    steps = [train_step_fn(e, args.batch, args.precision) for e in entries]
     for e, ts in zip(entries, time_round_robin(steps, args.warmup, args.iters, clock)):
         e.train_s = ts
-    steps = [sample_step_fn(e, args.batch) for e in entries]
+    steps = [sample_step_fn(e, args.batch, args.precision) for e in entries]
     times = time_round_robin(steps, args.warmup, args.iters, clock)
     for e, ts in zip(entries, times):
         e.sample_s = ts
-    print(report(entries, args.batch, peak, args.clock, argv))
+    print(report(entries, args.batch, peak, args.clock, argv, args.precision))
 
 
 if __name__ == "__main__":

@@ -240,7 +240,7 @@ def test_importance_weights_are_unbiased():
 
 def test_importance_state_round_trip():
     a = _warm(25, seed=4)
-    b = make_timestep_sampler("importance", 25)
+    b = make_timestep_sampler("importance", NoiseSchedule.linear(25))
     b.load_state_dict({k: v.clone() for k, v in a.state_dict().items()})
     for sampler in (a, b):
         sampler.update(torch.tensor([3, 3, 7]), torch.tensor([1.0, 2.0, 3.0]))
@@ -248,8 +248,8 @@ def test_importance_state_round_trip():
     assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][1], draws[1][1])
     assert torch.equal(a.probabilities(), b.probabilities())
     with pytest.raises(UserError, match="another schedule"):
-        make_timestep_sampler("importance", 10).load_state_dict(a.state_dict())
-    assert type(make_timestep_sampler("uniform", 5)) is TimestepSampler and TimestepSampler(5).state_dict() == {}
+        make_timestep_sampler("importance", NoiseSchedule.linear(10)).load_state_dict(a.state_dict())
+    assert type(make_timestep_sampler("uniform", NoiseSchedule.linear(5))) is TimestepSampler and TimestepSampler(5).state_dict() == {}
 
 
 # ----- configuration and training ------------------------------------------------------------

@@ -55,3 +55,76 @@ def test_unknown_weighting_is_a_user_error():
     with pytest.raises(UserError, match="min_snr"):
         diffusion_loss(lambda x, t: x, torch.zeros(1, 1, 2, 2), NoiseSchedule.linear(10), torch.tensor([3]),
                        torch.zeros(1, 1, 2, 2), weighting="snr")
+
+
+def test_edm_preconditioning_matches_karras_table_1_in_edm_coordinates():
+    """In EDM's own variables y = x_t / alpha, s = sigma / alpha: D(y) = c_skip y + c_out F(c_in y) with
+    c_skip = sd^2/(s^2+sd^2), c_out = s sd/sqrt(s^2+sd^2), c_in = 1/sqrt(s^2+sd^2) (Karras et al. 2022, Table 1)."""
+    from difflab.process import EDM_SIGMA_DATA as sd
+    from difflab.process import edm_preconditioning, network_input_scale, prediction_to_x0_eps
+
+    schedule = NoiseSchedule.cosine(1000)
+    t = torch.tensor([0.0, 10.0, 300.0, 700.0, 999.0], dtype=torch.float64)
+    alpha, sigma = schedule.alpha(t), schedule.sigma(t)
+    s = sigma / alpha
+    x_t, f = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    y = x_t / alpha
+    c_skip, c_out, c_in = sd**2 / (s**2 + sd**2), s * sd / (s**2 + sd**2).sqrt(), 1 / (s**2 + sd**2).sqrt()
+    x0, _ = prediction_to_x0_eps(f, "edm", x_t, alpha, sigma)
+    torch.testing.assert_close(x0, c_skip * y + c_out * f)
+    torch.testing.assert_close(x_t * network_input_scale("edm", alpha, sigma), c_in * y)
+    assert network_input_scale("v", alpha, sigma) == 1.0
+    vp_skip, vp_out, _ = edm_preconditioning(alpha, sigma)
+    torch.testing.assert_close(vp_out, c_out)
+    torch.testing.assert_close(vp_skip * alpha, c_skip)
+
+
+def test_edm_target_inverts_the_prediction_and_is_minus_v_for_unit_data_std():
+    from difflab.process import edm_target, prediction_to_x0_eps, v_from_x0_eps
+
+    schedule = NoiseSchedule.cosine(1000)
+    t = torch.tensor([0.0, 50.0, 500.0, 999.0], dtype=torch.float64)
+    a, s = schedule.alpha(t), schedule.sigma(t)
+    x0, eps = torch.randn(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    x_t = a * x0 + s * eps
+    x0_back, eps_back = prediction_to_x0_eps(target_for("edm", x0, eps, a, s), "edm", x_t, a, s)
+    torch.testing.assert_close(x0_back, x0)
+    torch.testing.assert_close(eps_back[1:], eps[1:])  # at t = 0 eps is ill-determined (sigma ~ 0)
+    torch.testing.assert_close(edm_target(x0, eps, a, s, sigma_data=1.0), -v_from_x0_eps(x0, eps, a, s))
+
+
+def test_edm_loss_is_karras_weighted_x0_error_through_the_denoiser():
+    """Uniform weighting on F is EDM's lambda(s) = 1 / c_out^2 on the x0 error; the Denoiser applies c_in to its input."""
+    from difflab.denoiser import Denoiser
+    from difflab.process import EDM_SIGMA_DATA as sd
+
+    torch.manual_seed(2)
+    schedule = NoiseSchedule.cosine(1000)
+    seen = {}
+
+    def net(x, t, **_):
+        seen["x"] = x
+        return 0.3 * x
+
+    x0, noise = torch.randn(4, 1, 3, 3), torch.randn(4, 1, 3, 3)
+    t = torch.tensor([3.5, 100.0, 400.25, 900.0])
+    loss = diffusion_loss(net, x0, schedule, t, noise, parameterization="edm")
+    a = schedule.alpha(t.double()).float().view(-1, 1, 1, 1)
+    s = schedule.sigma(t.double()).float().view(-1, 1, 1, 1)
+    x_t = a * x0 + s * noise
+    torch.testing.assert_close(seen["x"], x_t / (s**2 + a**2 * sd**2).sqrt())
+    x0_hat = Denoiser(net, schedule, "edm")(x_t, t).x0
+    c_out2 = (s**2 * sd**2 / (s**2 + a**2 * sd**2)).flatten()
+    torch.testing.assert_close(loss, (x0 - x0_hat).pow(2).flatten(1).mean(1) / c_out2, rtol=1e-4, atol=1e-6)
+
+
+def test_lognormal_timesteps_follow_edm_noise_distribution():
+    from difflab.training.timesteps import EDM_P_MEAN, EDM_P_STD, make_timestep_sampler
+
+    schedule = NoiseSchedule.cosine(1000)
+    t, w = make_timestep_sampler("lognormal", schedule).sample(20000, torch.Generator().manual_seed(0))
+    assert t.min() >= 0 and t.max() <= 999 and torch.equal(w, torch.ones(20000))
+    log_s = (schedule.sigma(t) / schedule.alpha(t)).log()
+    inside = (t > 0) & (t < 999)  # clipping only touches the far tails
+    assert inside.float().mean() > 0.99
+    assert abs(log_s[inside].mean().item() - EDM_P_MEAN) < 0.03 and abs(log_s[inside].std().item() - EDM_P_STD) < 0.03

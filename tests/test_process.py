@@ -95,7 +95,8 @@ def test_conversions_round_trip():
 
 
 def test_denoiser_parameterizations_agree():
-    """An eps-, x0- and v-model built from the same truth give the same (x0, eps)."""
+    """An eps-, x0-, v- and EDM-model built from the same truth give the same (x0, eps); the EDM network sees
+    its input scaled by c_in (Karras et al. 2022) and must undo it to reach the same truth."""
     g = torch.Generator().manual_seed(2)
     x = torch.randn(4, 2, generator=g, dtype=torch.float64)
     true_eps = lambda x, t: torch.tanh(x) * (1 + t[:, None] / 1000)  # noqa: E731
@@ -104,6 +105,7 @@ def test_denoiser_parameterizations_agree():
         def fn(x, t):
             t64 = t.to(torch.float64)
             a, s = SCHED.alpha(t64)[:, None], SCHED.sigma(t64)[:, None]
+            x = x / P.network_input_scale(param, a, s)
             eps = true_eps(x, t64)
             return P.target_for(param, P.x0_from_eps(x, eps, a, s), eps, a, s)
         return fn

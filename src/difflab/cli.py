@@ -33,16 +33,18 @@ def cli() -> None:
 @click.option("--batch-size", type=int, help="Global batch size.  [default: 32]")
 @click.option("--lr", type=float, help="AdamW learning rate (after warm-up).  [default: 2e-4]")
 @click.option("--seed", type=int, help="Seed of everything random.  [default: 0]")
-@click.option("--parameterization", type=click.Choice(["eps", "x0", "v"]), help="What the network predicts.  [default: eps]")
+@click.option("--parameterization", type=click.Choice(["eps", "x0", "v", "edm"]), help="What the network predicts (edm: Karras et al. 2022 preconditioning).  [default: eps]")
 @click.option("--learn-variance/--fixed-variance", default=None, help="Also learn the reverse-process variance (Nichol & Dhariwal 2021).  [default: fixed]")
 @click.option("--loss", type=click.Choice(["simple", "hybrid", "vlb"]), help="simple (Ho et al.), hybrid = simple + 0.001 VLB or vlb (learned variance for hybrid).  [default: simple]")
-@click.option("--timestep-sampling", type=click.Choice(["uniform", "importance"]), help="Draw t uniformly or by VLB importance sampling (loss vlb or hybrid).  [default: uniform]")
+@click.option("--timestep-sampling", type=click.Choice(["uniform", "importance", "lognormal"]), help="Draw t uniformly, by VLB importance sampling (loss vlb or hybrid) or log-normal in noise level (EDM).  [default: uniform]")
 @click.option("--conditioning", type=click.Choice(["none", "class", "text"]), help="Train unconditional, on class labels or on captions.  [default: none]")
 @click.option("--cond-dropout", type=float, help="Probability of the null condition in training (for classifier-free guidance).  [default: 0.1]")
 @click.option("--text-encoder", help="minilm (bundled), clip:/dir, t5:/dir, bert:/dir or a model folder.  [default: minilm]")
 @click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), help="Autocast precision.  [default: no]")
 @click.option("--sample-every", type=int, help="Steps between sample grids in OUT/samples (0: never).  [default: 500]")
 @click.option("--checkpoint-every", type=int, help="Steps between checkpoints (0: only at the end).  [default: 500]")
+@click.option("--autoencoder", help="A `difflab train-autoencoder` folder: train a latent diffusion model on its latents.")
+@click.option("--grad-accum-steps", type=int, help="Micro-batches per optimizer step (same result, less memory).  [default: 1]")
 @click.option("--keep-checkpoints", type=int, help="Newest checkpoints kept in OUT/checkpoints.  [default: 3]")
 @click.option("--weighting", type=click.Choice(["uniform", "min_snr"]), help="Loss weighting over noise levels.  [default: uniform]")
 @click.option("--num-processes", type=int, default=None, help="Train on N local processes (GPUs, or CPU processes with gloo).")
@@ -65,7 +67,8 @@ def train(config_path: str | None, out_dir: str, resume: bool, no_progress: bool
             "learn_variance": "objective.learn_variance", "loss": "objective.loss", "timestep_sampling": "objective.timestep_sampling",
             "conditioning": "conditioning.kind", "cond_dropout": "conditioning.dropout", "text_encoder": "conditioning.text_encoder",
             "sample_every": "log.sample_every", "checkpoint_every": "log.checkpoint_every",
-            "keep_checkpoints": "log.keep_checkpoints", "weighting": "objective.weighting"}
+            "keep_checkpoints": "log.keep_checkpoints", "grad_accum_steps": "optim.grad_accum_steps",
+            "autoencoder": "data.autoencoder", "weighting": "objective.weighting"}
     overrides = {keys[k]: v for k, v in flags.items() if v is not None}
     base = None
     existing = find_checkpoint(Path(out_dir)) if resume and Path(out_dir).is_dir() else None
@@ -177,7 +180,7 @@ def _write_grid(samples: Any, out: Path, sampler: str, nfe: int, elapsed: float)
     from difflab.data.images import to_pil_grid
 
     num_images = len(samples)
-    to_pil_grid(samples, nrow=int(math.ceil(math.sqrt(num_images)))).save(out)
+    to_pil_grid(samples, nrow=math.ceil(math.sqrt(num_images))).save(out)
     click.echo(f"wrote {num_images} samples to {out} ({sampler}, {nfe} network evaluations per image, "
                f"{1000 * elapsed / num_images:.0f} ms per image)")
 
@@ -222,11 +225,13 @@ def samplers() -> None:
 
 
 def _register_commands() -> None:
+    from difflab.autoencoder_cli import train_autoencoder_command
     from difflab.demo import demo
     from difflab.ema_cli import ema_command
     from difflab.evaluate_cli import eval_command
 
     cli.add_command(demo)
+    cli.add_command(train_autoencoder_command)
     cli.add_command(eval_command)
     cli.add_command(ema_command)
 

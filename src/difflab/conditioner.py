@@ -21,7 +21,7 @@ KINDS = ("none", "class", "text")
 
 
 class Conditioner:
-    """``kind`` is "none", "class" (``num_classes`` labels) or "text" (a text-encoder spec)."""
+    """``kind`` is "none", "class" (``num_classes`` labels) or "text" (a text-encoder spec, or an encoder object)."""
 
     def __init__(self, kind: str = "none", *, num_classes: int | None = None, class_names: Sequence[str] | None = None,
                  text_encoder: Any = None) -> None:
@@ -34,9 +34,14 @@ class Conditioner:
         self.class_names = list(class_names) if (kind == "class" and class_names) else None
         self.encoder = None
         if kind == "text":
+            from difflab.nets.text_base import TextEncoder
             from difflab.nets.text_encoder import CachedTextEncoder, load_text_encoder
 
-            self.encoder = CachedTextEncoder(load_text_encoder(text_encoder))
+            if isinstance(text_encoder, CachedTextEncoder):
+                self.encoder = text_encoder
+            else:
+                built = text_encoder if isinstance(text_encoder, TextEncoder) else load_text_encoder(text_encoder)
+                self.encoder = CachedTextEncoder(built)
 
     # ----- persistence -------------------------------------------------------------------------
     def to_config(self) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from torch import Tensor
 from difflab.errors import UserError
 from difflab.process import (
     PARAMETERIZATIONS,
+    network_input_scale,
     prediction_to_x0_eps,
     score_from_eps,
     split_variance_output,
@@ -102,10 +103,10 @@ class Denoiser:
 
     def __call__(self, x: Tensor, t: Tensor | float, **cond: Any) -> DenoiserOutput:
         t = self.time_tensor(t, x)
-        pred = self.raw(x, t, **cond)
-        pred, var_interp = split_variance_output(pred, x.shape[1]) if self.learn_variance else (pred, None)
         alpha = broadcast_to(self.schedule.alpha(t), x)
         sigma = broadcast_to(self.schedule.sigma(t), x)
+        pred = self.raw(x * network_input_scale(self.parameterization, alpha, sigma), t, **cond)
+        pred, var_interp = split_variance_output(pred, x.shape[1]) if self.learn_variance else (pred, None)
         x0, eps = prediction_to_x0_eps(pred, self.parameterization, x, alpha, sigma)
         return DenoiserOutput(x0=x0, eps=eps, alpha=alpha, sigma=sigma, var_interp=var_interp)
 

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from difflab.errors import UserError
 from difflab.process import (
+    network_input_scale,
     p_reverse,
     prediction_to_x0_eps,
     split_variance_output,
@@ -138,7 +139,8 @@ def diffusion_loss(
     t64 = t.to(torch.float64).cpu()
     alpha, sigma = broadcast_to(schedule.alpha(t64), x0), broadcast_to(schedule.sigma(t64), x0)
     x_t = alpha * x0 + sigma * noise
-    pred = network(x_t, t.to(device=x0.device, dtype=torch.float32), **(cond or {}))
+    scale = network_input_scale(parameterization, alpha, sigma)  # EDM's c_in; 1 for eps / x0 / v
+    pred = network(x_t * scale, t.to(device=x0.device, dtype=torch.float32), **(cond or {}))
     pred, v_raw = split_variance_output(pred, x0.shape[1]) if learn_variance else (pred, None)
     target = target_for(parameterization, x0, noise, alpha, sigma)
     per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)

@@ -15,8 +15,10 @@ from torch import Tensor
 from difflab.errors import UserError
 from difflab.schedules import NoiseSchedule, broadcast_to
 
-Parameterization = Literal["eps", "x0", "v"]
-PARAMETERIZATIONS: tuple[str, ...] = ("eps", "x0", "v")
+Parameterization = Literal["eps", "x0", "v", "edm"]
+PARAMETERIZATIONS: tuple[str, ...] = ("eps", "x0", "v", "edm")
+EDM_SIGMA_DATA = 0.5
+"""Standard deviation of the data that EDM preconditioning assumes (Karras et al. 2022, sec. 5: images in [-1, 1])."""
 
 
 class Gaussian(NamedTuple):
@@ -57,6 +59,27 @@ def eps_from_score(score: Tensor, sigma: Tensor) -> Tensor:
     return -sigma * score
 
 
+def edm_preconditioning(
+    alpha: Tensor, sigma: Tensor, sigma_data: float = EDM_SIGMA_DATA
+) -> tuple[Tensor, Tensor, Tensor]:
+    """EDM's (c_skip, c_out, c_in) (Karras et al. 2022, Table 1) acting on the VP state x_t, i.e.
+    x0 = c_skip x_t + c_out F(c_in x_t).
+
+    EDM writes y = x_t / alpha = x0 + s eps with s = sigma / alpha and D(y) = c_skip^E y + c_out^E F(c_in^E y),
+    c_skip^E = sd^2 / (s^2 + sd^2), c_out^E = s sd / sqrt(s^2 + sd^2), c_in^E = 1 / sqrt(s^2 + sd^2).
+    With r = sqrt(sigma^2 + alpha^2 sd^2) these become c_skip = alpha sd^2 / r^2, c_out = sigma sd / r and
+    c_in = 1 / r on x_t. EDM's c_noise = ln(s) / 4 is replaced by the schedule's own time t, a monotone
+    function of s, so every difflab network keeps its time input.
+    """
+    r = (sigma**2 + alpha**2 * sigma_data**2).sqrt()
+    return alpha * sigma_data**2 / r**2, sigma * sigma_data / r, 1 / r
+
+
+def network_input_scale(parameterization: str, alpha: Tensor, sigma: Tensor) -> Tensor | float:
+    """What the network's input x_t is multiplied by: EDM's c_in for ``"edm"``, else 1."""
+    return edm_preconditioning(alpha, sigma)[2] if parameterization == "edm" else 1.0
+
+
 def prediction_to_x0_eps(
     pred: Tensor, parameterization: str, x: Tensor, alpha: Tensor, sigma: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -67,6 +90,10 @@ def prediction_to_x0_eps(
         return pred, eps_from_x0(x, pred, alpha, sigma)
     if parameterization == "v":
         return x0_eps_from_v(x, pred, alpha, sigma)
+    if parameterization == "edm":
+        c_skip, c_out, _ = edm_preconditioning(alpha, sigma)
+        x0 = c_skip * x + c_out * pred
+        return x0, eps_from_x0(x, x0, alpha, sigma)
     raise UserError(f"unknown parameterization {parameterization!r}; use one of {PARAMETERIZATIONS}")
 
 
@@ -78,14 +105,23 @@ def target_for(parameterization: str, x0: Tensor, eps: Tensor, alpha: Tensor, si
         return x0
     if parameterization == "v":
         return v_from_x0_eps(x0, eps, alpha, sigma)
+    if parameterization == "edm":
+        return edm_target(x0, eps, alpha, sigma)
     raise UserError(f"unknown parameterization {parameterization!r}; use one of {PARAMETERIZATIONS}")
+
+
+def edm_target(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, sigma_data: float = EDM_SIGMA_DATA) -> Tensor:
+    """F's target (x0 - c_skip x_t) / c_out, simplified to (sigma x0 - alpha sd^2 eps) / (sd r): no division by
+    c_out, which vanishes at low noise. With sd = 1 it is -v."""
+    r = (sigma**2 + alpha**2 * sigma_data**2).sqrt()
+    return (sigma * x0 - alpha * sigma_data**2 * eps) / (sigma_data * r)
 
 
 def x0_error_per_target_error(parameterization: str, snr: Tensor) -> Tensor:
     """Factor c with ||x0 - x0_hat||^2 = c ||target - target_hat||^2 at a fixed x_t.
 
     From x0 = (x_t - sigma eps) / alpha and x0 = alpha x_t - sigma v: c = 1 / SNR for eps,
-    1 for x0 and sigma^2 = 1 / (SNR + 1) for v. Loss weightings defined on the x0 error
+    1 for x0, sigma^2 = 1 / (SNR + 1) for v and c_out^2 = sd^2 / (1 + SNR sd^2) for edm. Loss weightings defined on the x0 error
     (e.g. min-SNR) use it to become weights on any parameterization's regression loss.
     """
     if parameterization == "eps":
@@ -94,6 +130,8 @@ def x0_error_per_target_error(parameterization: str, snr: Tensor) -> Tensor:
         return torch.ones_like(snr)
     if parameterization == "v":
         return 1 / (snr + 1)
+    if parameterization == "edm":  # c_out^2 = sigma^2 sd^2 / (sigma^2 + alpha^2 sd^2)
+        return EDM_SIGMA_DATA**2 / (1 + snr * EDM_SIGMA_DATA**2)
     raise UserError(f"unknown parameterization {parameterization!r}; use one of {PARAMETERIZATIONS}")
 
 

@@ -34,6 +34,15 @@ class PipelineOutput:
     images: list[Image.Image]
     samples: Tensor  # (B, C, H, W) in [-1, 1]
     nfe: int
+    latents: Tensor | None = None  # the final diffusion state of a latent model (before decoding)
+
+
+VAE_FOLDER = "vae"
+
+
+def decode_latents(vae: Any, latents: Tensor) -> Tensor:
+    """Images of final latents: ``vae.decode(latents / scaling_factor)`` (Rombach et al. 2022, sec. 4.3.2)."""
+    return vae.decode(latents / vae.scaling_factor)
 
 
 PER_IMAGE_ARGUMENTS = ("class_labels", "prompt", "negative_prompt")
@@ -44,7 +53,9 @@ class DiffusionPipeline:
 
     ``sampler`` may be changed at any time (``pipe.sampler = "dpmpp_2m"``); every registered sampler works.
     ``learn_variance``: the UNet also outputs its variance (Nichol & Dhariwal 2021), which the ddpm sampler
-    uses; None infers it from the UNet (out_channels = 2 in_channels).
+    uses; None infers it from the UNet (out_channels = 2 in_channels). ``vae``: a latent diffusion model's
+    autoencoder (:class:`~difflab.nets.autoencoder.AutoencoderKL`); the UNet then works on its scaled latents
+    (``resolution`` is the latent size) and samples are decoded to images.
     """
 
     def __init__(
@@ -58,6 +69,7 @@ class DiffusionPipeline:
         conditioner: Conditioner | None = None,
         extra_config: dict[str, Any] | None = None,
         learn_variance: bool | None = None,
+        vae: Any = None,
     ) -> None:
         doubled = unet.config.resolved_out_channels == 2 * unet.config.in_channels
         if learn_variance is None:
@@ -73,6 +85,10 @@ class DiffusionPipeline:
         self.sampler = sampler
         self.conditioner = conditioner or Conditioner("none")
         self.extra_config = dict(extra_config or {})
+        self.vae = vae.eval() if vae is not None else None
+        if vae is not None and vae.latent_channels != unet.config.in_channels:
+            raise UserError(f"the UNet takes {unet.config.in_channels} channels but the autoencoder's latents have "
+                            f"{vae.latent_channels}; pair the UNet with the autoencoder it was trained on")
 
     # ----- persistence ----------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
@@ -88,8 +104,10 @@ class DiffusionPipeline:
         }
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Write ``config.json`` and ``model.safetensors`` into ``path``."""
+        """Write ``config.json`` and ``model.safetensors`` into ``path`` (and the autoencoder into ``path/vae``)."""
         save_model_dir(Path(path), self.config(), self.unet)
+        if self.vae is not None:
+            self.vae.save_pretrained(Path(path) / VAE_FOLDER)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "DiffusionPipeline":
@@ -108,10 +126,16 @@ class DiffusionPipeline:
         except KeyError as err:
             raise UserError(f"{Path(path) / 'config.json'} lacks the key {err}; re-export the model from its training run") from None
         load_weights(unet, weights, Path(path))
+        if (Path(path) / VAE_FOLDER / "config.json").is_file():
+            from difflab.nets.autoencoder import AutoencoderKL
+
+            pipe.vae = AutoencoderKL.from_pretrained(Path(path) / VAE_FOLDER).eval()
         return pipe.to(device)
 
     def to(self, device: str | torch.device) -> "DiffusionPipeline":
         self.unet.to(device)
+        if self.vae is not None:
+            self.vae.to(device)
         return self
 
     @property
@@ -180,8 +204,11 @@ class DiffusionPipeline:
                                  guidance_interval, classifier, classifier_scale, name)
         result = sample(denoiser, x_T, sampler=name, steps=num_inference_steps, generator=noise,
                         progress=progress, **sampler_options)
-        samples = result.samples.clamp(-1, 1).float().cpu()
-        return PipelineOutput(images=tensor_to_pil(samples), samples=samples, nfe=result.nfe)
+        latents, final = None, result.samples
+        if self.vae is not None:
+            latents, final = final.float().cpu(), decode_latents(self.vae, final)
+        samples = final.clamp(-1, 1).float().cpu()
+        return PipelineOutput(images=tensor_to_pil(samples), samples=samples, nfe=result.nfe, latents=latents)
 
     def in_batches(self, num_images: int, batch_size: int, *, seed: int = 0, **kwargs: Any) -> PipelineOutput:
         """``num_images`` images, ``batch_size`` per forward pass; image i uses seed ``seed + i`` whatever the batch size.
@@ -191,8 +218,9 @@ class DiffusionPipeline:
         """
         parts = run_in_batches(lambda n, first_seed, rows: self(num_images=n, seed=first_seed, **rows),
                                num_images, batch_size, seed, kwargs)
+        latents = None if parts[0].latents is None else torch.cat([part.latents for part in parts])
         return PipelineOutput(images=[image for part in parts for image in part.images],
-                              samples=torch.cat([part.samples for part in parts]), nfe=parts[0].nfe)
+                              samples=torch.cat([part.samples for part in parts]), nfe=parts[0].nfe, latents=latents)
 
 
 def guided_denoiser(denoiser: Denoiser, conditioner: Conditioner, device: torch.device, batch: int = 1,

@@ -23,6 +23,7 @@ class DataConfig:
     resolution: int | None = None  # None: the dataset's native resolution
     num_images: int | None = None  # None: the dataset's default size
     data_dir: str | None = None  # for mnist / cifar10
+    autoencoder: str | None = None  # a `difflab train-autoencoder` folder: train on its latents (latent diffusion)
     exclude: list | None = None  # shapes only: (shape, colour) pairs held out of training, e.g. [[circle, blue]]
 
 
@@ -35,7 +36,7 @@ class ConditioningConfig:
 
 @dataclass
 class ObjectiveConfig:
-    parameterization: str = "eps"  # eps | x0 | v
+    parameterization: str = "eps"  # eps | x0 | v | edm (Karras et al. 2022 preconditioning)
     weighting: str = "uniform"  # uniform | min_snr (Hang et al. 2023)
     min_snr_gamma: float = 5.0
     learn_variance: bool = False  # network outputs 2C channels: prediction and variance (Nichol & Dhariwal 2021)
@@ -51,6 +52,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 100
     grad_clip: float = 1.0
+    grad_accum_steps: int = 1  # micro-batches per step: same result, 1/N of the activation memory
     ema_decay: float = 0.999
     mixed_precision: str = "no"  # no | fp16 | bf16 (through Accelerate)
 
@@ -99,6 +101,7 @@ class TrainConfig:
         _check(o.steps >= 1, "optim.steps", o.steps, "must be >= 1")
         _check(o.batch_size >= 1, "optim.batch_size", o.batch_size, "must be >= 1")
         _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+        _check(o.grad_accum_steps >= 1, "optim.grad_accum_steps", o.grad_accum_steps, "must be >= 1")
         _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
         _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
         _check(0 <= o.ema_decay < 1, "optim.ema_decay", o.ema_decay, "must lie in [0, 1)")
@@ -137,6 +140,8 @@ class TrainConfig:
                f"use one of {', '.join(TIMESTEP_SAMPLINGS)}")
         _check(ob.timestep_sampling != "importance" or ob.loss in ("vlb", "hybrid"), "objective.timestep_sampling",
                ob.timestep_sampling, "importance sampling weighs the VLB terms: use it with loss vlb or hybrid")
+        _check(ob.timestep_sampling != "lognormal" or ob.loss == "simple", "objective.timestep_sampling",
+               ob.timestep_sampling, "log-normal noise levels are fractional times; the VLB needs integer steps: use loss simple")
         check_objective(ob.loss, ob.learn_variance, ob.weighting)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 
 from difflab.errors import UserError
 
@@ -39,6 +40,8 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
     """The Accelerator of this process; several processes without CUDA train on CPU with the gloo backend."""
     check_mixed_precision(mixed_precision)
     multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not multi_process:  # Accelerate keeps one global state; let one process train several configs in turn
+        AcceleratorState._reset_state(reset_partial_state=True)
     try:
         return Accelerator(mixed_precision=mixed_precision, cpu=multi_process and not torch.cuda.is_available())
     except (ValueError, RuntimeError) as err:

@@ -6,6 +6,10 @@
   every t has that many. Each draw is weighted by 1 / (T p_t), so E_{t~p}[w_t f(t)] = (1/T) sum_t f(t)
   for any per-timestep loss f: the weighted loss has the expectation of the uniform one.
 
+* ``lognormal``: EDM's noise distribution (Karras et al. 2022, sec. 5): ln s ~ N(P_mean, P_std^2) with
+  P_mean = -1.2, P_std = 1.2 for the noise level s = sigma / alpha, mapped to the schedule's continuous
+  time t(lambda = -ln s) and clipped to [0, T-1]; weight 1. Times are then fractional.
+
 Draws take a ``torch.Generator`` (the trainer's, seeded by (seed, step)); the state is a dict of tensors
 (:meth:`TimestepSampler.state_dict`) so that a resumed run draws exactly what an uninterrupted one would.
 """
@@ -16,9 +20,11 @@ import torch
 from torch import Tensor
 
 from difflab.errors import UserError
+from difflab.schedules import NoiseSchedule
 
 HISTORY = 10  # losses kept per timestep (Nichol & Dhariwal 2021, sec. 3.3)
-TIMESTEP_SAMPLINGS: tuple[str, ...] = ("uniform", "importance")
+TIMESTEP_SAMPLINGS: tuple[str, ...] = ("uniform", "importance", "lognormal")
+EDM_P_MEAN, EDM_P_STD = -1.2, 1.2  # Karras et al. 2022, Table 1 (training noise distribution)
 
 
 class TimestepSampler:
@@ -97,11 +103,26 @@ class ImportanceSampler(TimestepSampler):
         self.count = count.to(torch.int64).clone()
 
 
-_SAMPLERS: dict[str, type[TimestepSampler]] = {"uniform": TimestepSampler, "importance": ImportanceSampler}
+class LogNormalSampler(TimestepSampler):
+    """EDM's log-normal noise levels (Karras et al. 2022, sec. 5) as fractional times of ``schedule``."""
+
+    def __init__(self, schedule: NoiseSchedule, p_mean: float = EDM_P_MEAN, p_std: float = EDM_P_STD) -> None:
+        super().__init__(schedule.T)
+        self.schedule, self.p_mean, self.p_std = schedule, p_mean, p_std
+
+    def sample(self, batch: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Fractional times t (float64) with ln(sigma_t / alpha_t) ~ N(P_mean, P_std^2), clipped to the schedule."""
+        log_s = self.p_mean + self.p_std * torch.randn(batch, generator=generator, dtype=torch.float64)
+        t = self.schedule.t_from_lambda(-log_s).clamp(0, self.num_timesteps - 1)
+        return t, torch.ones(batch)
 
 
-def make_timestep_sampler(name: str, num_timesteps: int) -> TimestepSampler:
-    """The timestep sampler called ``name`` (one of :data:`TIMESTEP_SAMPLINGS`) for T = ``num_timesteps``."""
-    if name not in _SAMPLERS:
-        raise UserError(f"unknown timestep sampling {name!r}; use one of {', '.join(TIMESTEP_SAMPLINGS)}")
-    return _SAMPLERS[name](num_timesteps)
+def make_timestep_sampler(name: str, schedule: NoiseSchedule) -> TimestepSampler:
+    """The timestep sampler called ``name`` (one of :data:`TIMESTEP_SAMPLINGS`) for ``schedule``."""
+    if name == "uniform":
+        return TimestepSampler(schedule.T)
+    if name == "importance":
+        return ImportanceSampler(schedule.T)
+    if name == "lognormal":
+        return LogNormalSampler(schedule)
+    raise UserError(f"unknown timestep sampling {name!r}; use one of {', '.join(TIMESTEP_SAMPLINGS)}")

@@ -8,6 +8,7 @@ processes see exactly the batch one process with N times the batch would see.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -69,6 +70,7 @@ class Trainer:
         held_out = {"exclude": [tuple(pair) for pair in d.exclude]} if d.exclude else {}
         self.dataset = build_dataset(d.dataset, d.resolution, data_dir=d.data_dir, num_images=d.num_images,
                                      seed=config.seed, **held_out)
+        self.vae = self._latent_dataset(d.autoencoder) if d.autoencoder else None
         c = config.conditioning
         self.conditioner = Conditioner(c.kind, num_classes=self.dataset.num_classes,
                                        class_names=self.dataset.class_names, text_encoder=c.text_encoder)
@@ -83,7 +85,7 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model = UNet(UNetConfig.from_dict(model_cfg))
         self.schedule = NoiseSchedule.from_config(config.schedule)
-        self.timestep_sampler = make_timestep_sampler(config.objective.timestep_sampling, self.schedule.T)
+        self.timestep_sampler = make_timestep_sampler(config.objective.timestep_sampling, self.schedule)
         if config.objective.parameterization == "eps" and self.schedule.alphas_cumprod[-1] < 1e-6:
             warnings.warn(f"eps-prediction on a schedule whose alpha_bar_T is {self.schedule.alphas_cumprod[-1]:.1e}: "
                           "x0 = (x - sigma eps) / alpha multiplies eps errors by up to 1/alpha_T at the first sampling "
@@ -101,6 +103,17 @@ class Trainer:
         self.bad_steps = 0  # non-finite steps in a row
         self.skipped_steps = 0  # non-finite steps in total
         self._order: tuple[int, torch.Tensor | None] = (-1, None)  # (epoch, its data order), see _epoch_order
+
+    def _latent_dataset(self, autoencoder_dir: str) -> torch.nn.Module:
+        """Latent diffusion (Rombach et al. 2022): replace the images by the autoencoder's scaled latents, encoded
+        once (cached in OUT/latents.safetensors by a single process); returns the autoencoder for decoding."""
+        from difflab.data.latents import LatentDataset
+        from difflab.nets.autoencoder import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(autoencoder_dir).to(self.accelerator.device).eval()
+        cache = self.out_dir / "latents.safetensors" if self.accelerator.num_processes == 1 else None
+        self.dataset = LatentDataset(self.dataset, vae, cache_path=cache)
+        return vae
 
     # ----- randomness as a function of (seed, step) -------------------------------------------
     def _generator(self, *keys: int) -> torch.Generator:
@@ -144,16 +157,19 @@ class Trainer:
     # ----- one optimisation step --------------------------------------------------------------
     def train_step(self, step: int) -> float:
         x0, t, noise, cond, weights = self._local_batch(step)
-        ob = self.config.objective
-        parts: dict[str, torch.Tensor] = {}  # per-sample loss terms, filled by diffusion_loss
         self.model.train()
-        with self.accelerator.autocast():
-            losses = diffusion_loss(self.model, x0, self.schedule, t, noise, parameterization=ob.parameterization,
-                                    weighting=ob.weighting, min_snr_gamma=ob.min_snr_gamma, cond=cond,
-                                    loss=ob.loss, learn_variance=ob.learn_variance, parts=parts)
-        loss = (losses * weights.to(losses.dtype)).mean()  # weights 1 / (T p_t): unbiased under any p_t
         self.optimizer.zero_grad(set_to_none=True)
-        self.accelerator.backward(loss)
+        parts: dict[str, list[torch.Tensor]] = {}  # per-sample loss terms of every micro-batch
+        loss = torch.zeros((), device=x0.device)
+        chunks = torch.arange(len(x0)).tensor_split(min(self.config.optim.grad_accum_steps, len(x0)))
+        for i, idx in enumerate(chunks):  # gradient accumulation: the gradient of the mean over the whole batch
+            last = i == len(chunks) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):  # all-reduce once
+                part = self._micro_batch_loss(x0[idx], t[idx], noise[idx], {k: v[idx] for k, v in cond.items()},
+                                              weights[idx], parts) * (len(idx) / len(x0))
+                self.accelerator.backward(part)
+            loss += part.detach()
+        parts_all = {k: torch.cat(v) for k, v in parts.items()}
         clip = self.config.optim.grad_clip if self.config.optim.grad_clip > 0 else math.inf
         grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), clip))  # gradients are already averaged
         loss_value = self.accelerator.reduce(loss.detach(), reduction="mean").item()
@@ -162,13 +178,25 @@ class Trainer:
         if not (math.isfinite(loss_value) and grads_ok):
             return self._skip_bad_step(step)
         self.bad_steps = 0
-        if "vlb" in parts:  # every process records the whole global batch, so their samplers stay identical
+        if "vlb" in parts_all:  # every process records the whole global batch, so their samplers stay identical
             gathered_t = self.accelerator.gather(t.to(self.accelerator.device))
-            self.timestep_sampler.update(gathered_t, self.accelerator.gather(parts["vlb"]))
+            self.timestep_sampler.update(gathered_t, self.accelerator.gather(parts_all["vlb"]))
         self.optimizer.step()
         self.lr_schedule.step()
         self.ema.update(self.accelerator.unwrap_model(self.model))
         return loss_value
+
+    def _micro_batch_loss(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, cond: dict[str, torch.Tensor],
+                          weights: torch.Tensor, parts: dict[str, list[torch.Tensor]]) -> torch.Tensor:
+        """Mean weighted loss of one micro-batch (weights 1 / (T p_t) keep it unbiased under any p_t)."""
+        ob, terms = self.config.objective, {}
+        with self.accelerator.autocast():
+            losses = diffusion_loss(self.model, x0, self.schedule, t, noise, parameterization=ob.parameterization,
+                                    weighting=ob.weighting, min_snr_gamma=ob.min_snr_gamma, cond=cond,
+                                    loss=ob.loss, learn_variance=ob.learn_variance, parts=terms)
+        for key, value in terms.items():
+            parts.setdefault(key, []).append(value)
+        return (losses * weights.to(losses.dtype)).mean()
 
     def _update_posthoc_ema(self) -> None:
         """Power-function EMAs after every step (skipped ones too), snapshots every ``snapshot_every`` steps and at the end."""
@@ -195,7 +223,8 @@ class Trainer:
         """The EMA model as a sampling pipeline."""
         return DiffusionPipeline(self.ema.model, self.schedule, self.config.objective.parameterization,
                                  resolution=self.dataset.resolution, sampler=self.config.log.sampler,
-                                 conditioner=self.conditioner, extra_config={"dataset": self.config.data.dataset})
+                                 conditioner=self.conditioner, extra_config={"dataset": self.config.data.dataset},
+                                 vae=self.vae)
 
     def save(self) -> None:
         """Checkpoint (everything needed to continue) and export the EMA model, on the main process only."""
