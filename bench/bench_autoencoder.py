@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from difflab.autoencoder_cli import FACTOR_MULTS
 from difflab.data.base import ArrayDataset
 from difflab.data.cifar10 import CIFAR10Dataset
 from difflab.data.images import tensor_to_uint8
@@ -47,7 +48,6 @@ from difflab.training.autoencoder import train_autoencoder
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 PER_CLASS, TRAIN_PER_CLASS = 1000, 900
-FACTOR_MULTS = {4: (1, 2, 2), 8: (1, 2, 2, 4)}
 
 
 def split_cifar_test(data_dir: Path) -> tuple[ArrayDataset, ArrayDataset]:

@@ -1,10 +1,13 @@
 """Peak memory of one training step per precision / gradient-checkpointing configuration.
 
 Each configuration runs in a fresh process: build the UNet (``--preset``, default small32) and AdamW,
-take one warm-up step, then measure the high-water mark of three more training steps at ``--batch``
-(32x32 RGB). On a GPU this is ``torch.cuda.max_memory_allocated``; on a CPU the rise of the process's peak
-resident set size (``ru_maxrss``) over its size before the first step, i.e. what the step itself needs
-(activations, gradients, optimizer state) on top of the weights. Also prints each step's time.
+then measure the high-water mark of four training steps at ``--batch`` (32x32 RGB) above the memory in use
+before the first: on a GPU ``torch.cuda.max_memory_allocated`` minus the allocated bytes, on a CPU the
+process's peak resident set size (``ru_maxrss``) minus its resident size (``/proc/self/statm``). That is what
+training needs on top of the weights and the batch: gradients, AdamW's two moments, activations and
+temporaries. The child runs with ``MALLOC_MMAP_THRESHOLD_=131072`` so that glibc serves every large tensor
+by mmap and returns it on free: the resident size then follows the live tensors (without it, repeated runs
+differ by 2x). That makes allocation slower, so speed is measured by bench_unet.py, not here.
 
     python bench/bench_training_memory.py                 # ~2 min on a 2-core CPU
     python bench/bench_training_memory.py --device cuda
@@ -15,26 +18,36 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import resource
 import subprocess
 import sys
-import time
+from typing import Any
 
 CONFIGS = [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]
 
 
-def measure(preset: str, batch: int, precision: str, checkpointing: bool, device: str) -> dict:
+def resident_bytes() -> int:
+    """Current resident set size of this process (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure(model: dict[str, Any], shape: list[int], batch: int, precision: str, checkpointing: bool, device: str) -> dict:
+    """Peak extra memory (MiB) of training steps of a UNet ``model`` on inputs ``(batch, *shape)``."""
     import torch
 
     from difflab.nets.unet import UNet
     from difflab.nets.unet_config import UNetConfig
 
     torch.manual_seed(0)
-    net = UNet(UNetConfig.preset(preset, gradient_checkpointing=checkpointing)).to(device).train()
+    config = UNetConfig.from_dict({**model, "in_channels": shape[0], "gradient_checkpointing": checkpointing})
+    net = UNet(config).to(device).train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, foreach=True)
-    x = torch.randn(batch, 3, 32, 32, device=device)
+    x = torch.randn(batch, *shape, device=device)
     t = torch.randint(0, 1000, (batch,), device=device).float()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    cuda = device.startswith("cuda")
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -43,50 +56,51 @@ def measure(preset: str, batch: int, precision: str, checkpointing: bool, device
         loss.backward()
         opt.step()
 
-    step()  # the optimizer state exists after the first step
-    if device.startswith("cuda"):
+    if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    times = []
+        base = resident_bytes()
+    step()  # creates the gradients and the optimizer state
     for _ in range(3):
-        start = time.perf_counter()
         step()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    if device.startswith("cuda"):
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return {"peak_mib": peak / 2**20, "step_s": min(times), "params": sum(p.numel() for p in net.parameters())}
+    if cuda:
+        torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - base
+    return {"peak_mib": peak / 2**20, "params": sum(p.numel() for p in net.parameters())}
+
+
+def measure_in_subprocess(model: dict[str, Any], shape: list[int], batch: int, precision: str = "fp32",
+                          checkpointing: bool = False, device: str = "cpu") -> dict:
+    """:func:`measure` in a fresh Python process, so that earlier allocations do not hide the peak."""
+    job = json.dumps({"model": model, "shape": shape, "batch": batch, "precision": precision,
+                      "checkpointing": checkpointing, "device": device})
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    out = subprocess.run([sys.executable, __file__, "--one", job], capture_output=True, text=True, check=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
+    from difflab.nets.unet_config import PRESETS
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="small32")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: "precision,checkpointing" in a child process
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one JSON job in a child process
     args = ap.parse_args()
     if args.one:
-        precision, ckpt = args.one.split(",")
-        print(json.dumps(measure(args.preset, args.batch, precision, ckpt == "1", args.device)))
+        print(json.dumps(measure(**json.loads(args.one))))
         return
-    rows = []
-    for precision, ckpt in CONFIGS:
-        out = subprocess.run([sys.executable, __file__, "--preset", args.preset, "--batch", str(args.batch),
-                              "--device", args.device, "--one", f"{precision},{int(ckpt)}"],
-                             capture_output=True, text=True, check=True)
-        rows.append((precision, ckpt, json.loads(out.stdout.strip().splitlines()[-1])))
+    model = {k: list(v) if isinstance(v, tuple) else v for k, v in PRESETS[args.preset].items()}
+    rows = [(p, c, measure_in_subprocess(model, [3, 32, 32], args.batch, p, c, args.device)) for p, c in CONFIGS]
     print(f"Command: `python bench/bench_training_memory.py --preset {args.preset} --batch {args.batch} "
           f"--device {args.device}`; date {datetime.date.today()}; {rows[0][2]['params'] / 1e6:.2f}M parameters")
-    print("\n| precision | gradient checkpointing | peak memory of a training step (MiB) | step time (s) | images/s |")
-    print("| --- | --- | ---: | ---: | ---: |")
+    print("\n| precision | gradient checkpointing | peak memory of a training step (MiB) |")
+    print("| --- | --- | ---: |")
     for precision, ckpt, r in rows:
-        print(f"| {precision} | {'yes' if ckpt else 'no'} | {r['peak_mib']:.0f} | {r['step_s']:.2f} | {args.batch / r['step_s']:.1f} |")
+        print(f"| {precision} | {'yes' if ckpt else 'no'} | {r['peak_mib']:.0f} |")
 
 
 if __name__ == "__main__":

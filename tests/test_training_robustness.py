@@ -165,3 +165,13 @@ def test_resume_is_exact_with_learned_variance_importance_sampling_and_posthoc_e
     for name in snaps:
         _assert_bitwise_equal(load_file(str(tmp_path / "straight" / "ema_snapshots" / name)),
                               load_file(str(tmp_path / "run" / "ema_snapshots" / name)))
+
+
+def test_corrupted_exported_weights_are_a_one_line_error(tmp_path, tiny_config):
+    from difflab.pipelines.diffusion import DiffusionPipeline
+
+    train(tiny_config, tmp_path / "run", progress=False)
+    weights = tmp_path / "run" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50])
+    with pytest.raises(UserError, match="is unreadable.*re-export"):
+        DiffusionPipeline.from_pretrained(tmp_path / "run")

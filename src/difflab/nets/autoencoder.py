@@ -274,20 +274,18 @@ class AutoencoderKL(nn.Module):
     # ----- persistence ----------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
         """Write ``config.json`` (model type, autoencoder config, ``extra``) and ``model.safetensors``."""
-        from difflab.pipelines.model_dir import save_model_dir  # here: difflab.pipelines may import this module
+        from difflab.pipelines.model_dir import save_typed_model  # here: difflab.pipelines may import this module
 
-        save_model_dir(Path(path), {"model_type": MODEL_TYPE, "autoencoder": self.config.to_dict(), **(extra or {})}, self)
+        save_typed_model(Path(path), MODEL_TYPE, "autoencoder", self, extra)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> AutoencoderKL:
         """Load a folder written by :meth:`save_pretrained`; ``model.extra_config`` holds the other keys."""
-        from difflab.pipelines.model_dir import load_weights, read_model_dir
+        from difflab.pipelines.model_dir import load_weights, read_typed_model
 
-        config, weights = read_model_dir(Path(path))
-        if config.get("model_type") != MODEL_TYPE:
-            raise UserError(f"{path} holds a {config.get('model_type', 'diffusion')!r} model, not an autoencoder; "
-                            "train one with `difflab train-autoencoder`")
-        model = cls(AutoencoderConfig.from_dict(config["autoencoder"]))
+        config, extra, weights = read_typed_model(Path(path), MODEL_TYPE, "autoencoder", "an autoencoder",
+                                                  "train one with `difflab train-autoencoder`")
+        model = cls(AutoencoderConfig.from_dict(config))
         load_weights(model, weights, Path(path))
-        model.extra_config = {k: v for k, v in config.items() if k not in ("format", "model_type", "autoencoder")}
+        model.extra_config = extra
         return model.to(device).eval()

@@ -30,7 +30,7 @@ from difflab.nets.blocks import Downsample, conv_nd, group_norm
 from difflab.nets.embeddings import TimestepEmbedding
 from difflab.nets.unet import _timesteps, build_encoder
 from difflab.nets.unet_config import UNetConfig
-from difflab.pipelines.model_dir import load_weights, read_model_dir, save_model_dir
+from difflab.pipelines.model_dir import load_weights, read_typed_model, save_typed_model
 
 MODEL_TYPE = "noisy_classifier"
 _ENCODER_FIELDS = ("in_channels", "base_channels", "channel_mults", "num_res_blocks", "attention_levels",
@@ -154,16 +154,14 @@ class NoisyClassifier(nn.Module):
     # ----- persistence ----------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
         """Write ``config.json`` (model type, classifier config, ``extra`` such as the schedule) and weights."""
-        save_model_dir(Path(path), {"model_type": MODEL_TYPE, "classifier": self.config.to_dict(), **(extra or {})}, self)
+        save_typed_model(Path(path), MODEL_TYPE, "classifier", self, extra)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> NoisyClassifier:
         """Load a folder written by :meth:`save_pretrained`; ``model.extra_config`` holds the other keys."""
-        config, weights = read_model_dir(Path(path))
-        if config.get("model_type") != MODEL_TYPE:
-            raise UserError(f"{path} holds a {config.get('model_type', 'diffusion')!r} model, not a noise-aware classifier; "
-                            "train one with `difflab train-classifier`")
-        model = cls(ClassifierConfig.from_dict(config["classifier"]))
+        config, extra, weights = read_typed_model(Path(path), MODEL_TYPE, "classifier", "a noise-aware classifier",
+                                                  "train one with `difflab train-classifier`")
+        model = cls(ClassifierConfig.from_dict(config))
         load_weights(model, weights, Path(path))
-        model.extra_config = {k: v for k, v in config.items() if k not in ("format", "model_type", "classifier")}
+        model.extra_config = extra
         return model.to(device).eval()

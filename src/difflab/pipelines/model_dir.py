@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -70,11 +71,27 @@ def read_model_dir(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
     try:
         config = json.loads((path / CONFIG_NAME).read_text())
         weights = load_file(str(path / WEIGHTS_NAME))
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:
         raise UserError(f"model directory {path} is unreadable ({err}); re-export it from a training run") from None
     if config.get("format") != FORMAT:
         raise UserError(f"{path / CONFIG_NAME} is not a difflab model config (format {config.get('format')!r}, expected {FORMAT!r})")
     return config, weights
+
+
+def save_typed_model(path: Path, model_type: str, section: str, model: nn.Module, extra: dict[str, Any] | None = None) -> None:
+    """Save a model whose ``config.json`` holds ``model_type``, its own config under ``section`` and ``extra`` keys."""
+    save_model_dir(Path(path), {"model_type": model_type, section: model.config.to_dict(), **(extra or {})}, model)
+
+
+def read_typed_model(path: Path, model_type: str, section: str, what: str, hint: str
+                     ) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
+    """(the config under ``section``, the other keys, the weights) of a folder from :func:`save_typed_model`;
+    a folder of another model type is a one-line error naming ``what`` was expected and ``hint`` (how to make one)."""
+    config, weights = read_model_dir(Path(path))
+    if config.get("model_type") != model_type:
+        raise UserError(f"{path} holds a {config.get('model_type', 'diffusion')!r} model, not {what}; {hint}")
+    extra = {k: v for k, v in config.items() if k not in ("format", "model_type", section)}
+    return config[section], extra, weights
 
 
 def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:
