@@ -10,7 +10,7 @@
    shape accuracy.
 Writes a Markdown table to stdout and a plot to docs/img/prompt_adherence.png.
 
-    python bench/bench_prompt_adherence.py --steps 3000      # the figures in docs/benchmarks.md
+    python bench/bench_prompt_adherence.py --steps 6000      # the figures in docs/benchmarks.md
 """
 
 from __future__ import annotations

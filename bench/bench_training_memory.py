@@ -3,7 +3,7 @@
 Each configuration runs in a fresh process: build the UNet (``--preset``, default small32) and AdamW,
 then measure the high-water mark of four training steps at ``--batch`` (32x32 RGB) above the memory in use
 before the first: on a GPU ``torch.cuda.max_memory_allocated`` minus the allocated bytes, on a CPU the
-process's peak resident set size (``ru_maxrss``) minus its resident size (``/proc/self/statm``). That is what
+process's peak resident set size (``VmHWM``) minus its resident size before the first step (``VmRSS``). That is what
 training needs on top of the weights and the batch: gradients, AdamW's two moments, activations and
 temporaries. The child runs with ``MALLOC_MMAP_THRESHOLD_=131072`` so that glibc serves every large tensor
 by mmap and returns it on free: the resident size then follows the live tensors (without it, repeated runs
@@ -19,7 +19,6 @@ import argparse
 import datetime
 import json
 import os
-import resource
 import subprocess
 import sys
 from typing import Any
@@ -27,10 +26,16 @@ from typing import Any
 CONFIGS = [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]
 
 
-def resident_bytes() -> int:
-    """Current resident set size of this process (Linux)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def resident_bytes(field: str = "VmRSS") -> int:
+    """This process's current (``VmRSS``) or peak (``VmHWM``) resident set size, from /proc/self/status (Linux).
+
+    Not ``ru_maxrss``: Linux carries the pre-exec high-water mark of the forked parent into it, so a child
+    started by a large process would report the parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def measure(model: dict[str, Any], shape: list[int], batch: int, precision: str, checkpointing: bool, device: str) -> dict:
@@ -67,7 +72,7 @@ def measure(model: dict[str, Any], shape: list[int], batch: int, precision: str,
         step()
     if cuda:
         torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - base
+    peak = (torch.cuda.max_memory_allocated() if cuda else resident_bytes("VmHWM")) - base
     return {"peak_mib": peak / 2**20, "params": sum(p.numel() for p in net.parameters())}
 
 

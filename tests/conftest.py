@@ -22,6 +22,17 @@ def tiny_config_dict(**optim):
     }
 
 
+def run_cli(argv, capsys):
+    """Run ``difflab ARGV`` in-process: (exit status, stdout, stderr)."""
+    from difflab.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+        raise SystemExit(0)
+    captured = capsys.readouterr()
+    return exit_info.value.code or 0, captured.out, captured.err
+
+
 @pytest.fixture
 def one_thread():
     """Small tensors: a second intra-op thread costs more than it saves (and far more on a busy machine)."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from difflab.cli import main
+from conftest import run_cli
 from difflab.data import build_dataset
 from difflab.data.latents import LatentDataset, encode_dataset
 from difflab.errors import UserError
@@ -216,12 +216,6 @@ def test_from_pretrained_refuses_other_models(tmp_path):
 
 
 # ----- command line ----------------------------------------------------------------------------
-def run_cli(argv, capsys):
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-        raise SystemExit(0)
-    captured = capsys.readouterr()
-    return info.value.code or 0, captured.out, captured.err
 
 
 def test_cli_happy_path_and_errors(tmp_path, capsys):

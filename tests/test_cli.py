@@ -7,16 +7,11 @@ import pytest
 import yaml
 from PIL import Image
 
+from conftest import run_cli as run
 from conftest import tiny_config_dict
 from difflab.cli import main
 
 
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-        raise SystemExit(0)
-    captured = capsys.readouterr()
-    return exit_info.value.code or 0, captured.out, captured.err
 
 
 def assert_user_error(argv, capsys, match):

@@ -6,12 +6,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, run_cli
 from safetensors.torch import load_file
 from scipy.integrate import quad
 from torch import nn
 
-from difflab.cli import main
 from difflab.errors import UserError
 from difflab.training import checkpoint as ckpt
 from difflab.training.config import TrainConfig
@@ -240,12 +239,6 @@ def test_config_section_is_validated():
 
 
 # ----- the command line ------------------------------------------------------------------------
-def run_cli(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-        raise SystemExit(0)
-    captured = capsys.readouterr()
-    return exit_info.value.code or 0, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")
