@@ -63,3 +63,11 @@ def test_fp16_on_cpu_is_refused_not_silently_fp32():
         check_mixed_precision("fp16")
     check_mixed_precision("bf16")
     check_mixed_precision("no")
+
+
+def test_auto_mixed_precision_is_bf16_only_on_a_gpu_that_supports_it():
+    from difflab.training.distributed import resolve_mixed_precision
+
+    expected = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    assert resolve_mixed_precision("auto") == expected
+    assert [resolve_mixed_precision(m) for m in ("no", "fp16", "bf16")] == ["no", "fp16", "bf16"]

@@ -40,7 +40,7 @@ def cli() -> None:
 @click.option("--conditioning", type=click.Choice(["none", "class", "text"]), help="Train unconditional, on class labels or on captions.  [default: none]")
 @click.option("--cond-dropout", type=float, help="Probability of the null condition in training (for classifier-free guidance).  [default: 0.1]")
 @click.option("--text-encoder", help="minilm (bundled), clip:/dir, t5:/dir, bert:/dir or a model folder.  [default: minilm]")
-@click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), help="Autocast precision.  [default: no]")
+@click.option("--mixed-precision", type=click.Choice(["auto", "no", "fp16", "bf16"]), help="Autocast precision; auto is bf16 on a GPU that supports it, else none.  [default: auto]")
 @click.option("--sample-every", type=int, help="Steps between sample grids in OUT/samples (0: never).  [default: 500]")
 @click.option("--checkpoint-every", type=int, help="Steps between checkpoints (0: only at the end).  [default: 500]")
 @click.option("--autoencoder", help="A `difflab train-autoencoder` folder: train a latent diffusion model on its latents.")

@@ -54,7 +54,7 @@ class OptimConfig:
     grad_clip: float = 1.0
     grad_accum_steps: int = 1  # micro-batches per step: same result, 1/N of the activation memory
     ema_decay: float = 0.999
-    mixed_precision: str = "no"  # no | fp16 | bf16 (through Accelerate)
+    mixed_precision: str = "auto"  # auto (bf16 on a GPU that supports it, else no) | no | fp16 | bf16 (Accelerate)
 
 
 @dataclass
@@ -105,7 +105,8 @@ class TrainConfig:
         _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
         _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
         _check(0 <= o.ema_decay < 1, "optim.ema_decay", o.ema_decay, "must lie in [0, 1)")
-        _check(o.mixed_precision in ("no", "fp16", "bf16"), "optim.mixed_precision", o.mixed_precision, "use no, fp16 or bf16")
+        _check(o.mixed_precision in ("auto", "no", "fp16", "bf16"), "optim.mixed_precision", o.mixed_precision,
+               "use auto, no, fp16 or bf16")
         _check(self.objective.parameterization in PARAMETERIZATIONS, "objective.parameterization",
                self.objective.parameterization, f"use one of {', '.join(PARAMETERIZATIONS)}")
         _check(self.objective.weighting in WEIGHTINGS, "objective.weighting", self.objective.weighting,

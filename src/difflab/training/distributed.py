@@ -36,8 +36,16 @@ def check_mixed_precision(mixed_precision: str, cuda: bool | None = None) -> Non
         raise UserError("this GPU cannot run bf16; use --mixed-precision fp16 (with loss scaling) or no")
 
 
+def resolve_mixed_precision(mixed_precision: str) -> str:
+    """``"auto"`` becomes bf16 on a CUDA GPU that supports it and "no" elsewhere; other values are kept."""
+    if mixed_precision != "auto":
+        return mixed_precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
 def make_accelerator(mixed_precision: str) -> Accelerator:
     """The Accelerator of this process; several processes without CUDA train on CPU with the gloo backend."""
+    mixed_precision = resolve_mixed_precision(mixed_precision)
     check_mixed_precision(mixed_precision)
     multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if not multi_process:  # Accelerate keeps one global state; let one process train several configs in turn

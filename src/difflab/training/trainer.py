@@ -174,7 +174,7 @@ class Trainer:
         grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), clip))  # gradients are already averaged
         loss_value = self.accelerator.reduce(loss.detach(), reduction="mean").item()
         # fp16: the gradient scaler itself skips steps with overflowing gradients while it calibrates.
-        grads_ok = math.isfinite(grad_norm) or self.config.optim.mixed_precision == "fp16"
+        grads_ok = math.isfinite(grad_norm) or self.accelerator.mixed_precision == "fp16"
         if not (math.isfinite(loss_value) and grads_ok):
             return self._skip_bad_step(step)
         self.bad_steps = 0
