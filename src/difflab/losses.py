@@ -72,7 +72,7 @@ def min_snr_weight(snr: Tensor, parameterization: str, gamma: float) -> Tensor:
     return snr.clamp(max=gamma) * x0_error_per_target_error(parameterization, snr)
 
 
-WEIGHTINGS: tuple[str, ...] = ("uniform", "min_snr")
+WEIGHTINGS: tuple[str, ...] = tuple(_WEIGHTINGS)  # every registered weighting
 
 
 def get_weighting(name: str) -> Weighting:
