@@ -93,22 +93,20 @@ class Text2ImagePipeline:
         """
         dtype = check_dtype(torch_dtype, device)
         if not (Path(path) / "model_index.json").is_file() and (Path(path) / "config.json").is_file():
-            pipe = DiffusionPipeline.from_pretrained(path)
-            out = cls.from_diffusion_pipeline(pipe, pipe.vae)
-            out.dtype = dtype
-            return out.to(device)
+            return cls.from_diffusion_pipeline(DiffusionPipeline.from_pretrained(path), dtype=dtype).to(device)
         c = load_components(Path(path), dtype)
         return cls(c.unet, c.text_encoder, c.scheduler, c.vae, resolution=c.resolution, dtype=dtype).to(device)
 
     @classmethod
-    def from_diffusion_pipeline(cls, pipe: Any, vae: Any = None) -> Text2ImagePipeline:
-        """A text-conditional :class:`~difflab.pipelines.diffusion.DiffusionPipeline` (trained on ``vae``'s
-        scaled latents when ``vae`` is given, else in pixel space) as a Text2ImagePipeline."""
+    def from_diffusion_pipeline(cls, pipe: Any, vae: Any = None, dtype: torch.dtype = torch.float32) -> Text2ImagePipeline:
+        """A text-conditional :class:`~difflab.pipelines.diffusion.DiffusionPipeline` as a Text2ImagePipeline;
+        a latent model uses ``vae`` (default: the pipeline's own autoencoder), a pixel model none."""
         if pipe.conditioner.kind != "text":
             raise UserError(f"this model is conditioned on '{pipe.conditioner.kind}', not text; "
                             "train it with --conditioning text")
         spec = SchedulerSpec(pipe.schedule, pipe.parameterization)
-        return cls(pipe.unet, pipe.conditioner.encoder, spec, vae, resolution=pipe.resolution)
+        vae = vae if vae is not None else pipe.vae
+        return cls(pipe.unet, pipe.conditioner.encoder, spec, vae, resolution=pipe.resolution, dtype=dtype)
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write ``model_index.json`` and the ``unet/ vae/ text_encoder/ tokenizer/ scheduler/`` subfolders."""
