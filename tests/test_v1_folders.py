@@ -38,7 +38,7 @@ def test_v1_latent_folder_samples_identically(reference, one_thread):
     assert torch.equal(out.samples, reference["latent_ddim"])
 
 
-def test_v1_classifier_folder_gives_identical_logits(reference):
+def test_v1_classifier_folder_gives_identical_logits(reference, one_thread):
     from difflab.nets.classifier import NoisyClassifier
 
     with warnings.catch_warnings():
