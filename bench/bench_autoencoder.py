@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from difflab.autoencoder_cli import FACTOR_MULTS
+from difflab.cli.train_autoencoder import FACTOR_MULTS
 from difflab.data.base import ArrayDataset
 from difflab.data.cifar10 import CIFAR10Dataset
 from difflab.data.images import tensor_to_uint8

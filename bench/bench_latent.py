@@ -31,7 +31,8 @@ from difflab.data.shapes_spec import caption
 from difflab.metrics import evaluate
 from difflab.metrics.shapes_oracle import train_oracle
 from difflab.pipelines.diffusion import DiffusionPipeline
-from difflab.training import TrainConfig, train
+from difflab.recipes import train
+from difflab.training import TrainConfig
 from difflab.training.autoencoder import train_autoencoder
 
 AE_CONFIG = {"base_channels": 32, "channel_mults": (1, 2, 2), "latent_channels": 4, "norm_groups": 8}
@@ -111,12 +112,12 @@ def main() -> None:
                           progress=False)
     oracle, report = train_oracle(32, num_images=12000, steps=400, batch_size=128, width=32, progress=False)
     real_set = build_dataset("shapes", 32, num_images=args.fid_images, seed=99)
-    real = torch.stack([real_set[i]["image"] for i in range(len(real_set))])
-    captions = [real_set[i]["caption"] for i in range(len(real_set))]
+    real = torch.stack([real_set[i]["x"] for i in range(len(real_set))])
+    captions = [real_set[i]["cond"]["caption"] for i in range(len(real_set))]
     results = {}
     for name, ae in (("pixel", None), ("latent", vae_dir)):
         model_dir = out / name
-        if not (model_dir / "model.safetensors").exists():
+        if not (model_dir / "model_index.json").exists():  # a complete pipeline folder (the index is written last)
             shutil.rmtree(out / f"{name}_probe", ignore_errors=True)
             steps, _ = steps_for_budget(out / f"{name}_probe", ae, args.budget_s)
             t0 = time.perf_counter()

@@ -27,7 +27,8 @@ from difflab.data.shapes_spec import POSITIONS, VOCABULARIES, ShapeSpec, caption
 from difflab.metrics.shapes_oracle import attribute_hits, train_oracle
 from difflab.nets.classifier import NoisyClassifier
 from difflab.pipelines.diffusion import DiffusionPipeline
-from difflab.training import TrainConfig, train
+from difflab.recipes import train
+from difflab.training import TrainConfig
 from difflab.training.classifier import train_classifier
 
 HELD_OUT = [("circle", "blue"), ("square", "yellow"), ("triangle", "magenta")]
@@ -69,7 +70,7 @@ def main() -> None:
         "optim": {"steps": args.steps, "lr": 1e-3, "ema_decay": 0.999},
         "log": {"sample_every": 0, "checkpoint_every": 1000, "sampler": "dpmpp_2m"}})
     model_dir = out / "model"
-    if not (model_dir / "model.safetensors").exists():
+    if not (model_dir / "model_index.json").exists():  # a complete pipeline folder (the index is written last)
         train(config, model_dir)
     oracle, report = train_oracle(32, num_images=12000, steps=args.oracle_steps, batch_size=128, width=32)
     pipe = DiffusionPipeline.from_pretrained(model_dir)

@@ -1,11 +1,29 @@
-"""Shared test settings: small thread count, a tiny training config."""
+"""Shared test settings: small thread count, a tiny training config, the shared data sets."""
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+MNIST_FILES = ("mnist/t10k-images-idx3-ubyte.gz", "mnist/t10k-labels-idx1-ubyte.gz")
+CIFAR_FILES = ("cifar10/cifar10-test-jpeg.zip",)
+
+
+def require_shared_data(*files: str) -> Path:
+    """SHARED_DATA, after checking that each of ``files`` (relative to it) exists.
+
+    A missing file skips the test on a developer's machine but fails it under CI (``CI=true``), where
+    the data are provisioned and a skip would hide a broken set-up.
+    """
+    missing = [f for f in files if not (SHARED_DATA / f).exists()]
+    if missing:
+        message = f"shared test data missing: {', '.join(str(SHARED_DATA / f) for f in missing)}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{message} (CI=true: the shared data must be provisioned)", pytrace=False)
+        pytest.skip(message)
+    return SHARED_DATA
 
 TINY_MODEL = {"base_channels": 16, "channel_mults": [1, 2], "num_res_blocks": 1, "attention_levels": [1],
               "head_channels": 16, "norm_groups": 8}

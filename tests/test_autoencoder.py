@@ -107,7 +107,7 @@ def test_patch_discriminator_keeps_a_logit_map(resolution):
 # ----- training --------------------------------------------------------------------------------
 def test_reconstruction_improves(trained, shapes16):
     out, result = trained
-    x = torch.stack([shapes16[i]["image"] for i in range(16)])
+    x = torch.stack([shapes16[i]["x"] for i in range(16)])
     torch.manual_seed(0)  # the trainer's initialisation for seed 0
     fresh = AutoencoderKL(AutoencoderConfig(**{**TINY, "base_channels": 16, "norm_groups": 8}))
     model = AutoencoderKL.from_pretrained(out)
@@ -123,10 +123,10 @@ def test_reconstruction_improves(trained, shapes16):
 def test_scaling_factor_is_one_over_latent_std(trained, shapes16):
     out, result = trained
     model = AutoencoderKL.from_pretrained(out)
-    x = torch.stack([shapes16[i]["image"] for i in range(len(shapes16))])
+    x = torch.stack([shapes16[i]["x"] for i in range(len(shapes16))])
     with torch.no_grad():
         std = model.encode(x).mean.double().std().item()
-    assert json.loads((out / "config.json").read_text())["autoencoder"]["scaling_factor"] == result.scaling_factor
+    assert json.loads((out / "config.json").read_text())["config"]["scaling_factor"] == result.scaling_factor
     assert model.scaling_factor == pytest.approx(1.0 / std, rel=1e-6)
     assert latent_scaling_factor(model, shapes16, 64) == pytest.approx(1.0 / std, rel=1e-6)
     assert LatentDataset(shapes16, model).images().double().std().item() == pytest.approx(1.0, rel=1e-5)
@@ -142,9 +142,11 @@ def test_resume_repeats_an_uninterrupted_run(tmp_path, shapes16):
         train_autoencoder(shapes16, tmp_path / "b", steps=4, resume=True, **{**kw, "lr": 2e-3})
     train_autoencoder(shapes16, tmp_path / "b", steps=4, resume=True, **kw)
     tensors, state = load_checkpoint(find_checkpoint(tmp_path / "a"))
-    assert state["step"] == 4 and "disc" in tensors and "d_loss" in state["averages"]
+    assert state["step"] == 4 and "d_loss" in state["smoothed"]
+    assert any(k.startswith("discriminator.") for k in tensors["model"])  # the checkpoint holds D, the export not
     a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == AutoencoderKL(AutoencoderConfig(**TINY)).state_dict().keys()
 
 
 # ----- persistence -----------------------------------------------------------------------------
@@ -166,11 +168,11 @@ def test_latent_dataset_items_and_cache(tmp_path, shapes16):
     base = build_dataset("shapes", 16, num_images=10, seed=1)
     cache = tmp_path / "latents.safetensors"
     ds = LatentDataset(base, ae, batch_size=3, cache_path=cache)
-    assert (len(ds), ds.channels, ds.resolution, ds.image_resolution) == (10, 4, 4, 16) and not ds.from_cache
+    assert (len(ds), ds.sample_shape, ds.image_shape) == (10, (4, 4, 4), (3, 16, 16)) and not ds.from_cache
     with torch.no_grad():
-        expected = ae.encode(torch.stack([base[i]["image"] for i in range(10)])).mean * 2.5
+        expected = ae.encode(torch.stack([base[i]["x"] for i in range(10)])).mean * 2.5
     torch.testing.assert_close(ds.images(), expected, rtol=1e-5, atol=1e-6)
-    assert ds[3]["caption"] == base[3]["caption"] and ds[3]["label"] == base[3]["label"]
+    assert ds[3]["cond"]["caption"] == base[3]["cond"]["caption"] and ds[3]["cond"]["label"] == base[3]["cond"]["label"]
     again = LatentDataset(base, ae, cache_path=cache)
     assert again.from_cache and torch.equal(again.images(), ds.images())
     other = tiny_ae(seed=1, scaling_factor=2.5)

@@ -14,7 +14,7 @@ from difflab.denoiser import Denoiser
 from difflab.errors import UserError
 from difflab.guidance import ClassifierGuidedDenoiser
 from difflab.nets.classifier import ClassifierConfig, NoisyClassifier
-from difflab.pipelines.model_dir import save_model_dir
+from difflab.nets.unet import UNet, UNetConfig
 from difflab.schedules import NoiseSchedule
 from difflab.training.classifier import classifier_accuracy, train_classifier
 
@@ -59,7 +59,7 @@ def test_save_load_round_trip(trained, tmp_path) -> None:
     result, images, _ = trained
     clf = NoisyClassifier.from_pretrained(result.out_dir)
     config = json.loads((result.out_dir / "config.json").read_text())
-    assert config["model_type"] == "noisy_classifier" and config["schedule"] == SCHED.to_config()
+    assert config["_class_name"] == "NoisyClassifier" and config["schedule"] == SCHED.to_config()
     assert clf.extra_config["schedule"] == SCHED.to_config() and not clf.training
     clf.save_pretrained(tmp_path / "copy", clf.extra_config)
     again = NoisyClassifier.from_pretrained(tmp_path / "copy")
@@ -101,7 +101,7 @@ def test_bad_configs_and_folders(tmp_path) -> None:
         ClassifierConfig.from_dict({"num_class": 3})
     with pytest.raises(UserError, match="attention_levels"):
         ClassifierConfig(channel_mults=(1, 2), attention_levels=(2,))
-    save_model_dir(tmp_path / "unet", {"model": {}}, torch.nn.Linear(1, 1))
+    UNet(UNetConfig(base_channels=8, channel_mults=(1,), attention_levels=(), norm_groups=4)).save_pretrained(tmp_path / "unet")
     with pytest.raises(UserError, match="not a noise-aware classifier"):
         NoisyClassifier.from_pretrained(tmp_path / "unet")
     unlabelled = ArrayDataset(torch.zeros(4, 8, 8, 1, dtype=torch.uint8).numpy())

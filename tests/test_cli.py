@@ -78,9 +78,9 @@ def test_other_architecture_in_model_dir(trained, tmp_path, capsys):
 
     out, _ = trained
     shutil.copytree(out, tmp_path / "m")
-    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
-    cfg["model"]["base_channels"] = 8
-    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    cfg = json.loads((tmp_path / "m" / "unet" / "config.json").read_text())
+    cfg["config"]["base_channels"] = 8
+    (tmp_path / "m" / "unet" / "config.json").write_text(json.dumps(cfg))
     assert_user_error(["sample", "--model", str(tmp_path / "m")], capsys, "another model")
 
 
@@ -90,3 +90,12 @@ def test_module_entry_point_and_help():
         assert done.returncode == 0
         for flag in ("--out", "--steps"):
             assert flag in done.stdout
+
+
+@pytest.mark.parametrize("text, kind", [("- seed\n- data\n", "got a list"), ("just words\n", "got a str"),
+                                        ("42\n", "got a int")])
+def test_config_top_level_not_a_mapping(tmp_path, capsys, text, kind):
+    cfg = tmp_path / "x.yaml"
+    cfg.write_text(text)
+    assert_user_error(["train", "--config", str(cfg), "--out", str(tmp_path / "run")], capsys,
+                      f"config file {cfg} must be a mapping of sections (seed, data, model, ...), {kind}")

@@ -168,7 +168,8 @@ def test_shapes_clip_save_load_round_trip(shapes_clip, tmp_path):
     shapes_clip.save_pretrained(tmp_path / "clip")
     loaded = load_clip(tmp_path / "clip")
     assert isinstance(loaded, ShapesCLIP) and loaded.report == shapes_clip.report
-    assert json.loads((tmp_path / "clip" / "config.json").read_text())["text_encoder"]["kind"] == "minilm"
+    saved = json.loads((tmp_path / "clip" / "config.json").read_text())
+    assert saved["_class_name"] == "ShapesCLIP" and saved["config"]["text_encoder"]["kind"] == "minilm"
     ds = ShapesDataset(8, 16, seed=3)
     before = clip_score(ds.images(), list(ds.captions), shapes_clip)["per_image"]
     after = clip_score(ds.images(), list(ds.captions), loaded)["per_image"]

@@ -7,7 +7,8 @@ import yaml
 from conftest import tiny_config_dict
 from difflab.errors import UserError
 from difflab.pipelines.diffusion import DiffusionPipeline
-from difflab.training import TrainConfig, train
+from difflab.recipes import train
+from difflab.training import TrainConfig
 from test_cli import assert_user_error, run
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import MNIST_FILES, require_shared_data
 from PIL import Image
 
 from difflab.data import (
@@ -24,7 +25,6 @@ from difflab.data import (
 )
 from difflab.errors import UserError
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def test_uint8_round_trip_is_exact() -> None:
@@ -69,10 +69,10 @@ def test_digits_match_sklearn() -> None:
     assert len(native) == 1797 and native.num_classes == 10 and native.channels == 1
     expected = torch.from_numpy(bunch.images[:, None] / 8.0 - 1.0).float()
     assert torch.allclose(native.images(), expected, atol=0.5 / 127.5 + 1e-6)
-    assert [native[i]["label"] for i in range(20)] == bunch.target[:20].tolist()
-    assert native[3]["caption"] == f"a handwritten digit {bunch.target[3]}"
+    assert [native[i]["cond"]["label"] for i in range(20)] == bunch.target[:20].tolist()
+    assert native[3]["cond"]["caption"] == f"a handwritten digit {bunch.target[3]}"
     up = DigitsDataset()  # default 16x16
-    assert up.resolution == 16 and up[0]["image"].shape == (1, 16, 16)
+    assert up.resolution == 16 and up[0]["x"].shape == (1, 16, 16)
     x = up.images()
     assert x.min() >= -1 and x.max() <= 1
     # 2x bilinear upsampling keeps each image's mean intensity up to edge effects
@@ -89,7 +89,7 @@ def test_factory_names_and_defaults(tmp_path: Path) -> None:
     assert isinstance(digits, DigitsDataset) and len(digits) == 10 and digits.resolution == 16
     Image.new("RGB", (10, 12), (255, 0, 0)).save(tmp_path / "a.png")
     folder = build_dataset(str(tmp_path), 8)
-    assert isinstance(folder, ImageFolderDataset) and folder[0]["image"].shape == (3, 8, 8)
+    assert isinstance(folder, ImageFolderDataset) and folder[0]["x"].shape == (3, 8, 8)
 
 
 def test_factory_rejects_unknown_name() -> None:
@@ -115,8 +115,7 @@ def test_factory_missing_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
         build_dataset("cifar10")
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "mnist").is_dir(), reason=f"shared test data absent: {SHARED_DATA}")
 def test_factory_uses_env_data_dir(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("DIFFLAB_DATA_DIR", str(SHARED_DATA))
+    monkeypatch.setenv("DIFFLAB_DATA_DIR", str(require_shared_data(*MNIST_FILES)))
     ds = build_dataset("mnist", 32, num_images=5)
-    assert isinstance(ds, MNISTDataset) and len(ds) == 5 and ds[0]["image"].shape == (1, 32, 32)
+    assert isinstance(ds, MNISTDataset) and len(ds) == 5 and ds[0]["x"].shape == (1, 32, 32)

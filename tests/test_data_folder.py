@@ -65,25 +65,25 @@ def test_discovery_skips_bad_files_with_one_warning(tree: Path) -> None:
     assert "c.jpeg" not in message
     assert len(ds) == 3 and ds.class_names is None and ds.num_classes is None
     item = ds[0]
-    assert item["image"].shape == (3, 16, 16) and item["label"] == -1 and item["caption"] == ""
+    assert item["x"].shape == (3, 16, 16) and item["cond"]["label"] == -1 and item["cond"]["caption"] == ""
 
 
 def test_resize_shorter_side_and_centre_crop(tree: Path) -> None:
     ds, _ = _load_warning_free(tree, 16)
     # 40x20 -> 32x16, crop x 8..24 = original x 10..30: exactly the green band
     for index in (0, 1):  # landscape PNG and portrait JPEG
-        pixels = ((ds[index]["image"] + 1) * 127.5).round()
+        pixels = ((ds[index]["x"] + 1) * 127.5).round()
         inner = pixels[:, 2:-2, 2:-2] if index == 0 else pixels[:, 2:-2, 2:-2].transpose(1, 2)
         assert torch.allclose(inner, torch.tensor(GREEN, dtype=torch.float32)[:, None, None], atol=8)
-    flat = ((ds[2]["image"] + 1) * 127.5).round()
+    flat = ((ds[2]["x"] + 1) * 127.5).round()
     assert torch.allclose(flat, torch.tensor([10.0, 20.0, 30.0])[:, None, None], atol=3)
 
 
 def test_labels_from_subfolders_and_greyscale(tree: Path) -> None:
     ds, _ = _load_warning_free(tree, 8, labels=True, channels=1)
     assert ds.class_names == ["cats", "dogs"] and ds.num_classes == 2
-    assert [ds[i]["label"] for i in range(3)] == [0, 0, 1]
-    assert ds.channels == 1 and ds[0]["image"].shape == (1, 8, 8)
+    assert [ds[i]["cond"]["label"] for i in range(3)] == [0, 0, 1]
+    assert ds.channels == 1 and ds[0]["x"].shape == (1, 8, 8)
     Image.new("RGB", (8, 8)).save(tree / "loose.png")
     with pytest.raises(UserError, match="loose.png"):
         ImageFolderDataset(tree, 8, labels=True)
@@ -94,7 +94,7 @@ def test_lazy_decoding_matches_cache(tree: Path) -> None:
     lazy, _ = _load_warning_free(tree, 12, max_cache_bytes=0)
     assert lazy._cache is None and cached._cache is not None
     for i in range(len(cached)):
-        assert torch.equal(cached[i]["image"], lazy[i]["image"])
+        assert torch.equal(cached[i]["x"], lazy[i]["x"])
 
 
 def test_num_images_limit(tree: Path) -> None:

@@ -147,18 +147,18 @@ def test_windowed_coverage_equals_full_frame() -> None:
 def test_items_format_and_range(resolution: int) -> None:
     ds = ShapesDataset(8, resolution, seed=2)
     item = ds[0]
-    assert item["image"].shape == (3, resolution, resolution) and item["image"].dtype == torch.float32
-    assert item["image"].min() >= -1 and item["image"].max() <= 1
-    assert item["label"] == SHAPES.index(ds.specs[0].shape) and item["caption"] == caption(ds.specs[0])
+    assert item["x"].shape == (3, resolution, resolution) and item["x"].dtype == torch.float32
+    assert item["x"].min() >= -1 and item["x"].max() <= 1
+    assert item["cond"]["label"] == SHAPES.index(ds.specs[0].shape) and item["cond"]["caption"] == caption(ds.specs[0])
     assert ds.channels == 3 and ds.resolution == resolution and ds.num_classes == 3 and len(ds) == 8
-    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
-    assert batch["image"].shape == (4, 3, resolution, resolution) and len(batch["caption"]) == 4
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=ds.collate)))
+    assert batch["x"].shape == (4, 3, resolution, resolution) and len(batch["cond"]["caption"]) == 4
 
 
 def test_label_attribute() -> None:
     ds = ShapesDataset(30, label="color")
     assert ds.class_names == list(COLORS)
-    assert [ds[i]["label"] for i in range(30)] == [list(COLORS).index(s.color) for s in ds.specs]
+    assert [ds[i]["cond"]["label"] for i in range(30)] == [list(COLORS).index(s.color) for s in ds.specs]
     with pytest.raises(UserError, match="label attribute"):
         ShapesDataset(4, label="hue")
 
@@ -221,4 +221,4 @@ def test_render_spec_and_from_specs() -> None:
     assert image.shape == (32, 32, 3) and image.dtype == np.uint8
     ds = ShapesDataset.from_specs([spec, spec], 32)
     assert np.array_equal(ds.pixels[1].permute(1, 2, 0).numpy(), image)
-    assert ds[0]["caption"] == "a large yellow triangle in the center on a gray background"
+    assert ds[0]["cond"]["caption"] == "a large yellow triangle in the center on a gray background"

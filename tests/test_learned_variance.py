@@ -9,7 +9,7 @@ from conftest import tiny_config_dict
 
 from difflab.denoiser import Denoiser
 from difflab.errors import UserError
-from difflab.likelihood import vlb_bits_per_dim
+from difflab.likelihood import vlb_bits_per_dim, vlb_term
 from difflab.losses import HYBRID_LAMBDA, diffusion_loss, vlb_loss_term
 from difflab.noise import NoiseSource
 from difflab.process import (
@@ -28,7 +28,6 @@ from difflab.training.timesteps import (
     TimestepSampler,
     make_timestep_sampler,
 )
-from difflab.vlb import vlb_term
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SCHED = NoiseSchedule.linear(1000)
@@ -268,17 +267,18 @@ def test_bad_objectives(objective, match):
 
 
 def test_trainer_uses_importance_weights(tmp_path):
-    from difflab.training import Trainer
+    from difflab.recipes.diffusion import build_diffusion_training
 
     cfg = TrainConfig.from_dict({**tiny_config_dict(), "objective": {"learn_variance": True, "loss": "vlb", "timestep_sampling": "importance"}})
-    trainer = Trainer(cfg, tmp_path, progress=False)
+    trainer = build_diffusion_training(cfg, tmp_path, progress=False)
     assert trainer.model.config.out_channels == 6
     trainer.train_step(0)
-    assert int(trainer.timestep_sampler.count.sum()) == cfg.optim.batch_size and not trainer.timestep_sampler.warm
-    T = trainer.schedule.T
-    trainer.timestep_sampler.load_state_dict(_warm(T).state_dict())
-    _, t, _, _, w = trainer._local_batch(1)
-    torch.testing.assert_close(w.double(), 1 / (T * trainer.timestep_sampler.probabilities()[t]), rtol=1e-6, atol=0)
+    assert int(trainer.objective.timestep_sampler.count.sum()) == cfg.optim.batch_size and not trainer.objective.timestep_sampler.warm
+    T = trainer.objective.schedule.T
+    trainer.objective.timestep_sampler.load_state_dict(_warm(T).state_dict())
+    batch = trainer._local_batch(1)
+    t, w = batch["t"], batch["weights"]
+    torch.testing.assert_close(w.double(), 1 / (T * trainer.objective.timestep_sampler.probabilities()[t]), rtol=1e-6, atol=0)
     assert math.isfinite(trainer.train_step(1))
 
 

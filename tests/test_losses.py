@@ -128,3 +128,10 @@ def test_lognormal_timesteps_follow_edm_noise_distribution():
     inside = (t > 0) & (t < 999)  # clipping only touches the far tails
     assert inside.float().mean() > 0.99
     assert abs(log_s[inside].mean().item() - EDM_P_MEAN) < 0.03 and abs(log_s[inside].std().item() - EDM_P_STD) < 0.03
+
+
+def test_nan_network_output_reaches_the_loss_for_the_nan_guard():
+    """The loss evaluates the network through a Denoiser without its finiteness check: the trainer's guard decides."""
+    x0 = torch.zeros(2, 1, 2, 2)
+    loss = diffusion_loss(lambda x, t: x * float("nan"), x0, NoiseSchedule.linear(10), torch.tensor([1, 2]), x0)
+    assert bool(torch.isnan(loss).all())

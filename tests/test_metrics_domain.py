@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from conftest import MNIST_FILES, require_shared_data
 
 from difflab.errors import UserError
 from difflab.metrics import evaluate
 from difflab.metrics.domain import DigitClassifier, DomainExtractor, load_mnist, train_digit_classifier
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @pytest.fixture(scope="module")
 def mnist():
-    if not (DATA / "mnist").is_dir():
-        pytest.skip(f"shared test data not found at {DATA}")
-    return load_mnist(DATA / "mnist")
+    return load_mnist(require_shared_data(*MNIST_FILES) / "mnist")
 
 
 @pytest.fixture(scope="module")

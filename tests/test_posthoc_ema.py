@@ -278,7 +278,7 @@ def test_cli_writes_a_sampling_ready_model(unet_run, tmp_path, capsys):
     assert pipe.extra_config["posthoc_ema"]["sigma_rel"] == 0.07 and pipe.extra_config["posthoc_ema"]["step"] == 40
     assert pipe(num_images=1, num_inference_steps=2, seed=0, progress=False).samples.shape == (1, 1, 8, 8)
     code, _, err = run_cli(["ema", str(unet_run), "--length", "0.1", "--step", "20", "--out", str(tmp_path / "m")], capsys)
-    assert code == 0 and (tmp_path / "m" / "model.safetensors").is_file(), err
+    assert code == 0 and (tmp_path / "m" / "model_index.json").is_file(), err
 
 
 @pytest.mark.parametrize("args,match", [

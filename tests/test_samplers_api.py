@@ -154,3 +154,20 @@ def test_bad_models_raise_user_errors():
         sample(lambda x, t: torch.full_like(x, float("nan")), x, "dpmpp_2m", 5, SCHEDULE)
     with pytest.raises(UserError, match="noise must be a tensor"):
         sample(MODEL, [[0.0, 1.0]], "ddim", 5, SCHEDULE)
+
+
+@pytest.mark.parametrize("spec, truth", [("linear", NoiseSchedule.linear(1000)), ("cosine", NoiseSchedule.cosine(1000)),
+                                         ({"kind": "linear", "num_timesteps": 50}, NoiseSchedule.linear(50))])
+def test_schedule_by_name_or_config(spec, truth):
+    """A kind name is that kind with T = 1000, a dict is NoiseSchedule.from_config: same samples, bit for bit."""
+    x = prior_noise(3, 2)
+    got = sample(MODEL, x, "ddim", steps=5, schedule=spec)
+    assert torch.equal(got.samples, sample(MODEL, x, "ddim", steps=5, schedule=truth).samples)
+
+
+@pytest.mark.parametrize("spec, message", [(3, "got int 3.*kinds: cosine, linear, quadratic, scaled_linear"),
+                                           ("warp", "unknown schedule kind 'warp'.*cosine"),
+                                           ({"kind": "nope"}, "unknown schedule kind 'nope'")])
+def test_bad_schedule_spec_is_a_user_error(spec, message):
+    with pytest.raises(UserError, match=message):
+        sample(MODEL, prior_noise(2, 2), "ddim", steps=5, schedule=spec)

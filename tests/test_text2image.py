@@ -7,7 +7,7 @@ from PIL import Image
 from sd_tiny import build_sd_folder
 
 from difflab.cli import main
-from difflab.conditioner import Conditioner
+from difflab.conditioning import Conditioner
 from difflab.data.images import to_pil_grid
 from difflab.errors import UserError
 from difflab.nets.autoencoder import AutoencoderConfig, AutoencoderKL
@@ -85,8 +85,22 @@ def test_sampler_swap_by_name_and_function(latent):
     by_fn = t2i("a red circle", generator=seeded(), **{**CALL, "sampler": get_sampler("dpmpp_2m")})
     ddim = t2i("a red circle", generator=seeded(), **CALL)
     assert torch.equal(by_name.samples, by_fn.samples) and not torch.equal(by_name.samples, ddim.samples)
-    with pytest.raises(UserError, match="unknown option"):
-        t2i("a red circle", eta=0.5, **{**CALL, "sampler": "dpmpp_2m"})
+
+
+def test_eta_zero_is_ignored_by_deterministic_samplers(latent):
+    """diffusers' canonical call passes eta=0.0 whatever the scheduler: a sampler without eta ignores it."""
+    pipe, t2i = latent
+    call = {**CALL, "sampler": "dpmpp_2m"}
+    plain = t2i("a red circle", generator=torch.Generator().manual_seed(0), **call)
+    with_eta = t2i("a red circle", eta=0.0, generator=torch.Generator().manual_seed(0), **call)
+    assert torch.equal(plain.samples, with_eta.samples)
+    assert torch.equal(pipe(seed=3, prompt="circle", **call).samples, pipe(seed=3, prompt="circle", eta=0, **call).samples)
+    # ddim with eta=1 is stochastic: eta still reaches the samplers that take it.
+    ddim = [t2i("circle", eta=eta, generator=torch.Generator().manual_seed(0), **CALL).samples for eta in (0.0, 1.0)]
+    assert not torch.equal(*ddim)
+    for run in (lambda: t2i("a red circle", eta=0.5, **call), lambda: pipe(prompt="circle", eta=0.5, **call)):
+        with pytest.raises(UserError, match="eta=0.5 .* 'dpmpp_2m' has no eta option; use one of ddim, dpmpp_2m_sde"):
+            run()
 
 
 def assert_round_trip(t2i, path, weights=("unet", "vae")):

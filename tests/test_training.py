@@ -9,7 +9,9 @@ from safetensors.torch import load_file
 from conftest import tiny_config_dict
 from difflab.errors import UserError
 from difflab.pipelines.diffusion import DiffusionPipeline
-from difflab.training import TrainConfig, Trainer, TrainingInterrupted, train
+from difflab.recipes import train
+from difflab.recipes.diffusion import build_diffusion_training
+from difflab.training import TrainConfig, Trainer, TrainingInterrupted
 from difflab.training import checkpoint as ckpt
 
 
@@ -74,7 +76,7 @@ def test_interrupt_saves_and_resume_matches(tmp_path, tiny_config, monkeypatch, 
 
 
 def test_crash_during_checkpoint_write_keeps_previous(tmp_path, tiny_config, monkeypatch):
-    trainer = Trainer(tiny_config, tmp_path)
+    trainer = build_diffusion_training(tiny_config, tmp_path)
     trainer.train_step(0)
     trainer.step = 1
     trainer.save()
@@ -100,7 +102,7 @@ def test_crash_during_checkpoint_write_keeps_previous(tmp_path, tiny_config, mon
 
 
 def test_nan_loss_stops_with_clear_error(tmp_path, tiny_config, monkeypatch):
-    import difflab.training.trainer as tr
+    import difflab.training.objectives.diffusion as tr
 
     real = tr.diffusion_loss
     monkeypatch.setattr(tr, "diffusion_loss", lambda *a, **k: real(*a, **k) * float("nan"))
@@ -109,13 +111,43 @@ def test_nan_loss_stops_with_clear_error(tmp_path, tiny_config, monkeypatch):
 
 
 def test_refuses_to_overwrite_or_resume_wrongly(tmp_path, tiny_config, straight_run):
-    with pytest.raises(UserError, match="nothing to resume"):
-        train(tiny_config, tmp_path / "run", resume=True, progress=False)
     with pytest.raises(UserError, match="already holds a training run"):
         train(tiny_config, straight_run, progress=False)
     other = TrainConfig.from_dict({**tiny_config_dict(), "model": {**tiny_config_dict()["model"], "base_channels": 8}})
     with pytest.raises(UserError, match="model.base_channels"):
         train(other, straight_run, resume=True, progress=False)
+
+
+def test_resume_without_checkpoint_starts_from_step_zero(tmp_path, tiny_config, straight_run, monkeypatch):
+    """A run killed before its first checkpoint, restarted with the same command line (diffusers'
+    ``--resume_from_checkpoint latest`` convention): a notice, then the same run as an uninterrupted one."""
+    original = Trainer.train_step
+
+    def killed(self, step):
+        if step == 1:
+            raise SystemExit(137)  # dies without a checkpoint (no KeyboardInterrupt handler runs)
+        return original(self, step)
+
+    monkeypatch.setattr(Trainer, "train_step", killed)
+    with pytest.raises(SystemExit):
+        train(tiny_config, tmp_path / "run", progress=False)
+    monkeypatch.setattr(Trainer, "train_step", original)
+    assert ckpt.find_checkpoint(tmp_path / "run") is None and (tmp_path / "run" / "run_settings.json").is_file()
+    other = TrainConfig.from_dict({**tiny_config_dict(), "model": {**tiny_config_dict()["model"], "base_channels": 8}})
+    with pytest.raises(UserError, match="cannot resume .*model.base_channels differ"):
+        train(other, tmp_path / "run", resume=True, progress=False)
+    with pytest.warns(UserWarning, match="no checkpoint in .* starting the run from step 0"):
+        train(tiny_config, tmp_path / "run", resume=True, progress=False)
+    assert_same_weights(weights(straight_run), weights(tmp_path / "run"))
+    with pytest.warns(UserWarning, match="starting the run from step 0"):  # a fresh folder: a new run
+        assert train(tiny_config, tmp_path / "new", resume=True, progress=False).step == tiny_config.optim.steps
+
+
+def test_resume_of_a_finished_run_changes_nothing(tiny_config, straight_run):
+    before = {p: p.stat().st_mtime_ns for p in straight_run.rglob("*") if p.is_file()}
+    result = train(tiny_config, straight_run, resume=True, progress=False)
+    assert result.note is not None and f"complete at step {tiny_config.optim.steps}" in result.note
+    assert {p: p.stat().st_mtime_ns for p in straight_run.rglob("*") if p.is_file()} == before
 
 
 def test_config_validation():

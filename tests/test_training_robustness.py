@@ -15,7 +15,9 @@ from safetensors.torch import load_file
 
 from conftest import tiny_config_dict
 from difflab.errors import UserError
-from difflab.training import TrainConfig, Trainer, train
+from difflab.recipes import train
+from difflab.recipes.diffusion import build_diffusion_training
+from difflab.training import TrainConfig
 from difflab.training import checkpoint as ckpt
 
 
@@ -72,7 +74,7 @@ def test_resume_after_fallback_repeats_the_lost_steps_exactly(tmp_path):
 
 
 def test_non_finite_gradient_skips_the_step_and_counts_it(tmp_path, tiny_config):
-    trainer = Trainer(tiny_config, tmp_path, progress=False)
+    trainer = build_diffusion_training(tiny_config, tmp_path, progress=False)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     original_backward = trainer.accelerator.backward
 
@@ -95,7 +97,8 @@ def test_non_finite_gradient_skips_the_step_and_counts_it(tmp_path, tiny_config)
 _TRAIN_SCRIPT = """
 import sys, torch
 torch.set_num_threads(1)
-from difflab.training import TrainConfig, train
+from difflab.recipes import train
+from difflab.training import TrainConfig
 cfg = TrainConfig.from_dict(__import__("json").loads(sys.argv[1]))
 train(cfg, sys.argv[2], resume=sys.argv[3] == "1", progress=False)
 """
@@ -171,7 +174,7 @@ def test_corrupted_exported_weights_are_a_one_line_error(tmp_path, tiny_config):
     from difflab.pipelines.diffusion import DiffusionPipeline
 
     train(tiny_config, tmp_path / "run", progress=False)
-    weights = tmp_path / "run" / "model.safetensors"
+    weights = tmp_path / "run" / "unet" / "model.safetensors"  # a v2 pipeline folder: the UNet is a component
     weights.write_bytes(weights.read_bytes()[:50])
     with pytest.raises(UserError, match="is unreadable.*re-export"):
         DiffusionPipeline.from_pretrained(tmp_path / "run")

@@ -36,6 +36,7 @@ from difflab.denoiser import Denoiser, DenoiserOutput
 from difflab.errors import UserError
 from difflab.process import prediction_to_x0_eps, target_for, x0_from_eps
 from difflab.schedules import NoiseSchedule
+from difflab.space import Space as SampleSpace
 
 Space = Literal["x0", "eps", "v"]
 IntervalUnit = Literal["t", "sigma"]
@@ -49,10 +50,10 @@ def _check_scale(name: str, value: float, hint: str) -> float:
 
 
 class GuidedDenoiser(Denoiser):
-    """A denoiser built on another one: it shares the inner denoiser's schedule, model and NFE counter."""
+    """A denoiser built on another one: it shares the inner denoiser's schedule, space, model and NFE counter."""
 
     def __init__(self, denoiser: Denoiser) -> None:
-        # Denoiser.__init__ is not called: the model, schedule and NFE counter live in the inner denoiser.
+        # Denoiser.__init__ is not called: the model, schedule, space and NFE counter live in the inner denoiser.
         if not isinstance(denoiser, Denoiser):
             raise UserError(f"guidance wraps a Denoiser, got {type(denoiser).__name__}; use Denoiser(model_fn, schedule)")
         self.denoiser = denoiser
@@ -60,6 +61,10 @@ class GuidedDenoiser(Denoiser):
     @property
     def schedule(self) -> NoiseSchedule:  # type: ignore[override]
         return self.denoiser.schedule
+
+    @property
+    def space(self) -> SampleSpace:  # type: ignore[override]
+        return self.denoiser.space
 
     @property
     def parameterization(self) -> str:  # type: ignore[override]

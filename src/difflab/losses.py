@@ -13,8 +13,8 @@ Weightings:
   :func:`difflab.process.x0_error_per_target_error`). gamma = 5 is the paper's default.
 
 Losses (``loss=``), Nichol & Dhariwal 2021 ("Improved DDPM"); L_t is the VLB term of index t
-(:func:`difflab.vlb.vlb_term`: KL to the posterior for t >= 1, discretised decoder at t = 0) in bits/dim
-(mean over dimensions / ln 2), and T L_t is a one-sample estimate of L_vlb = sum_t L_t (the constant L_T
+(:func:`difflab.likelihood.vlb_term`: KL to the posterior for t >= 1, discretised decoder at t = 0) in bits/dim
+(mean over real dimensions / ln 2), and T L_t is a one-sample estimate of L_vlb = sum_t L_t (the constant L_T
 left out):
 
 - ``simple``: w(t) ||target - prediction||^2 (above).
@@ -24,28 +24,27 @@ left out):
   alone trains the mean and L_vlb the learned variance (sec. 3.1); needs ``learn_variance``.
 
 With ``learn_variance`` the network returns 2C channels (:func:`difflab.process.split_variance_output`).
+
+The network is evaluated through a :class:`~difflab.denoiser.Denoiser` (its input scaling, variance split and
+conversion to x0), so the loss only builds x_t, the target and the weight. Every per-sample mean is over the
+sample's real dimensions: with ``mask`` (B, *prefix), 1 on real entries (:mod:`difflab.space`), it is
+``sum(mask * err) / space.num_dims(x, mask)``, so padding never contributes.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from difflab.denoiser import Denoiser
 from difflab.errors import UserError
-from difflab.process import (
-    network_input_scale,
-    p_reverse,
-    prediction_to_x0_eps,
-    split_variance_output,
-    target_for,
-    x0_error_per_target_error,
-)
+from difflab.likelihood.vlb import vlb_bits
+from difflab.process import prediction_to_x0_eps, target_for, x0_error_per_target_error
 from difflab.schedules import NoiseSchedule, broadcast_to
-from difflab.vlb import vlb_term
+from difflab.space import Space
 
 Weighting = Callable[[Tensor, str, float], Tensor]
 """``w(snr, parameterization, gamma)``: the per-sample weight on the parameterization's regression loss."""
@@ -98,9 +97,10 @@ def check_objective(loss: str, learn_variance: bool, weighting: str = "uniform")
 
 
 def vlb_loss_term(
-    schedule: NoiseSchedule, x0: Tensor, x_t: Tensor, t: Tensor, pred: Tensor, v_raw: Tensor | None, parameterization: str
+    schedule: NoiseSchedule, x0: Tensor, x_t: Tensor, t: Tensor, pred: Tensor, v_raw: Tensor | None, parameterization: str,
+    mask: Tensor | None = None,
 ) -> Tensor:
-    """Per-sample L_t in bits/dim (mean over dimensions / ln 2) of the model ``pred`` (eps / x0 / v) at x_t.
+    """Per-sample L_t in bits/dim (mean over real dimensions / ln 2) of the model ``pred`` (eps / x0 / v) at x_t.
 
     p(x_{t-1} | x_t) has the posterior mean at the predicted x0 and the learned variance of ``v_raw``
     (Nichol & Dhariwal 2021, eq. 15); ``v_raw=None`` is the fixed beta-tilde variance (v_raw = -1).
@@ -108,9 +108,7 @@ def vlb_loss_term(
     t64 = t.to(torch.float64).cpu()
     alpha, sigma = broadcast_to(schedule.alpha(t64), x_t), broadcast_to(schedule.sigma(t64), x_t)
     x0_pred, _ = prediction_to_x0_eps(pred, parameterization, x_t, alpha, sigma)
-    v_raw = torch.full_like(x_t, -1.0) if v_raw is None else v_raw
-    model = p_reverse(schedule, x_t, x0_pred, t, "learned", v_raw)
-    return vlb_term(schedule, x0, x_t, t, model).flatten(1).mean(1) / math.log(2.0)
+    return vlb_bits(schedule, x0, x_t, t, x0_pred, v_raw, mask)
 
 
 def diffusion_loss(
@@ -127,6 +125,8 @@ def diffusion_loss(
     loss: str = "simple",
     learn_variance: bool = False,
     parts: dict[str, Tensor] | None = None,
+    mask: Tensor | None = None,
+    space: Space | None = None,
 ) -> Tensor:
     """Per-sample training loss, shape (B,): ``w(t) * mean ||target - network(x_t, t)||^2`` for ``loss="simple"``,
     T L_t for ``"vlb"``, their hybrid for ``"hybrid"`` (module docstring).
@@ -134,25 +134,28 @@ def diffusion_loss(
     ``t`` are integer indices (B,) and ``noise`` ~ N(0, I) like ``x0``; both are passed in so that
     the caller controls the random numbers (exact resume, distributed seeding). A dict ``parts``
     receives the detached per-sample terms: ``"simple"`` and, for vlb / hybrid, ``"vlb"`` (L_t, bits/dim).
+    ``mask`` (B, *prefix): the means run over real entries only, divided by ``space.num_dims(x0, mask)``
+    (``space`` default :class:`~difflab.space.Space`). NaN / Inf network outputs are not checked here: they
+    reach the loss, where the trainer's NaN guard sees them.
     """
     check_objective(loss, learn_variance, weighting)
+    space = space or Space()
+    denoiser = Denoiser(network, schedule, parameterization, learn_variance=learn_variance, space=space, check_finite=False)
     t64 = t.to(torch.float64).cpu()
     alpha, sigma = broadcast_to(schedule.alpha(t64), x0), broadcast_to(schedule.sigma(t64), x0)
     x_t = alpha * x0 + sigma * noise
-    scale = network_input_scale(parameterization, alpha, sigma)  # EDM's c_in; 1 for eps / x0 / v
-    pred = network(x_t * scale, t.to(device=x0.device, dtype=torch.float32), **(cond or {}))
-    pred, v_raw = split_variance_output(pred, x0.shape[1]) if learn_variance else (pred, None)
+    out = denoiser(x_t, t64, **(cond or {}))
     target = target_for(parameterization, x0, noise, alpha, sigma)
-    per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+    per_sample = space.mean((out.prediction.float() - target.float()).pow(2), mask)
     snr = (schedule.alpha(t64) / schedule.sigma(t64)) ** 2
     simple = get_weighting(weighting)(snr, parameterization, min_snr_gamma).to(per_sample) * per_sample
     if parts is not None:
         parts["simple"] = simple.detach()
     if loss == "simple":
         return simple
-    mean_pred = pred.detach() if loss == "hybrid" else pred  # hybrid: L_vlb trains only the variance (sec. 3.1)
-    vlb = vlb_loss_term(schedule, x0.float(), x_t.float(), t, mean_pred.float(),
-                        None if v_raw is None else v_raw.float(), parameterization)
+    x0_pred = out.x0.detach() if loss == "hybrid" else out.x0  # hybrid: L_vlb trains only the variance (sec. 3.1)
+    v_raw = None if out.var_interp is None else out.var_interp.float()
+    vlb = vlb_bits(schedule, x0.float(), x_t.float(), t, x0_pred.float(), v_raw, mask, space)
     if parts is not None:
         parts["vlb"] = vlb.detach()
     return schedule.T * vlb if loss == "vlb" else simple + HYBRID_LAMBDA * schedule.T * vlb

@@ -111,6 +111,23 @@ class NoiseSchedule:
         return cls(betas, {"kind": kind, "num_timesteps": T, **config})
 
     @classmethod
+    def coerce(cls, spec: "NoiseSchedule | str | dict[str, Any]") -> "NoiseSchedule":
+        """A schedule from itself, a kind name (``"linear"``: that kind with T = 1000) or a config dict.
+
+        >>> NoiseSchedule.coerce("cosine").T, NoiseSchedule.coerce({"kind": "linear", "num_timesteps": 50}).T
+        (1000, 50)
+        """
+        if isinstance(spec, cls):
+            return spec
+        if isinstance(spec, str):
+            spec = {"kind": spec}
+        if not isinstance(spec, dict):
+            raise UserError(f"schedule must be a NoiseSchedule, a kind name or a config dict, got {type(spec).__name__} "
+                            f"{spec!r:.40}; e.g. schedule=\"linear\" or {{\"kind\": \"cosine\", \"num_timesteps\": 1000}}; "
+                            f"kinds: {', '.join(sorted(_BETA_FUNCTIONS))}")
+        return cls.from_config(spec)
+
+    @classmethod
     def linear(cls, T: int = 1000, beta_min: float = 1e-4, beta_max: float = 0.02) -> "NoiseSchedule":
         return cls.from_config({"kind": "linear", "num_timesteps": T, "beta_min": beta_min, "beta_max": beta_max})
 

@@ -1,11 +1,12 @@
 """Datasets: built-in captioned shapes and digits, image folders, MNIST and CIFAR-10 from disk.
 
-Every dataset yields ``{"image": (C,H,W) float in [-1,1], "label": int (-1 if none),
-"caption": str ("" if none)}`` and exposes ``channels``, ``resolution``, ``num_classes``,
-``class_names`` and ``len``. Use :func:`build_dataset` to get one by name.
+Every dataset yields ``{"x": Tensor (*sample_shape), "cond": {"label": int (-1 if none), "caption": str},
+"mask": Tensor | None}`` (images: (C, H, W) in [-1, 1]) and exposes ``sample_shape``, ``modality``,
+``num_classes``, ``class_names``, ``collate`` and ``len``. Use :func:`build_dataset` to get one by name.
 """
 
-from difflab.data.base import ArrayDataset, ImageDataset
+from difflab.data.base import ArrayDataset, DiffusionDataset, ImageDataset
+from difflab.data.collate import make_item, pad_collate, stack_collate
 from difflab.data.cifar10 import CIFAR10Dataset
 from difflab.data.digits import DigitsDataset
 from difflab.data.folder import ImageFolderDataset
@@ -17,6 +18,7 @@ from difflab.data.shapes import ShapesDataset, ShapeSpec, caption, parse_caption
 __all__ = [
     "ArrayDataset",
     "CIFAR10Dataset",
+    "DiffusionDataset",
     "DigitsDataset",
     "ImageDataset",
     "ImageFolderDataset",
@@ -27,6 +29,9 @@ __all__ = [
     "caption",
     "dataset_names",
     "default_data_dir",
+    "make_item",
+    "pad_collate",
+    "stack_collate",
     "parse_caption",
     "register_dataset",
     "render_spec",

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from difflab.data.base import ArrayDataset, check_num_images
-from difflab.data.transforms import check_resolution, resize_array
+from difflab.data.transforms import check_size, resize_array
 from difflab.errors import UserError
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -173,10 +173,10 @@ class CIFAR10Dataset(ArrayDataset):
         self,
         data_dir: str | Path,
         split: str = "auto",
-        resolution: int = NATIVE_RESOLUTION,
+        resolution: int | tuple[int, int] = NATIVE_RESOLUTION,
         num_images: int | None = None,
     ) -> None:
-        resolution = check_resolution(resolution)
+        resolution = check_size(resolution)
         images, labels, self.split = load_cifar10(Path(data_dir).expanduser(), split, num_images)
         if labels.min() < 0 or labels.max() >= len(CLASSES):
             raise UserError(

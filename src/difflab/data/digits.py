@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from difflab.data.base import ArrayDataset, check_num_images
-from difflab.data.transforms import check_resolution, resize_array
+from difflab.data.transforms import check_size, resize_array
 
 DIGITS_MAX_VALUE = 16.0
 DEFAULT_RESOLUTION = 16
@@ -26,10 +26,10 @@ class DigitsDataset(ArrayDataset):
     Items carry ``label`` 0..9 and the caption "a handwritten digit N".
     """
 
-    def __init__(self, resolution: int = DEFAULT_RESOLUTION, num_images: int | None = None) -> None:
+    def __init__(self, resolution: int | tuple[int, int] = DEFAULT_RESOLUTION, num_images: int | None = None) -> None:
         from sklearn.datasets import load_digits  # deferred: sklearn import takes ~1 s
 
-        resolution = check_resolution(resolution)
+        resolution = check_size(resolution)
         bunch = load_digits()
         n = check_num_images(num_images, len(bunch.target), "scikit-learn digits")
         raw = bunch.images[:n, :, :, None].astype(np.float32)  # (N, 8, 8, 1), values 0..16

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from difflab.data.base import ArrayDataset, ImageDataset, Item, check_num_images, make_item
+from difflab.data.base import ArrayDataset, ImageDataset, Item, check_num_images, image_item
 from difflab.data.images import uint8_to_tensor
-from difflab.data.transforms import check_resolution, pil_mode, pil_to_array
+from difflab.data.transforms import check_size, pil_mode, pil_to_array
 from difflab.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -38,7 +38,7 @@ def find_images(root: Path) -> list[Path]:
     return paths
 
 
-def load_image(path: Path, resolution: int, channels: int) -> np.ndarray:
+def load_image(path: Path, resolution: int | tuple[int, int], channels: int) -> np.ndarray:
     """Decode one image file to uint8 ``(R, R, C)`` (resized shorter side, centre-cropped)."""
     with Image.open(path) as image:
         image.load()
@@ -62,7 +62,7 @@ class ImageFolderDataset(ImageDataset):
     def __init__(
         self,
         root: str | Path,
-        resolution: int = 32,
+        resolution: int | tuple[int, int] = 32,
         *,
         channels: int = 3,
         labels: bool = False,
@@ -70,13 +70,13 @@ class ImageFolderDataset(ImageDataset):
         max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES,
     ) -> None:
         self.root = Path(root).expanduser()
-        self.resolution = check_resolution(resolution)
+        self.size = check_size(resolution)
         pil_mode(channels)  # validates
-        self.channels = channels
+        self.sample_shape = (channels, *self.size)
         paths = find_images(self.root)
         self.class_names = _class_names(self.root, paths) if labels else None
         wanted = check_num_images(num_images, len(paths), f"image folder {self.root}")
-        keep = wanted * self.resolution**2 * channels <= max_cache_bytes
+        keep = wanted * self.size[0] * self.size[1] * channels <= max_cache_bytes
         self.paths, arrays = self._scan(paths, wanted, keep)
         self._cache = ArrayDataset(np.stack(arrays)) if keep else None
         if self.class_names is None:
@@ -94,7 +94,7 @@ class ImageFolderDataset(ImageDataset):
             if len(good) == wanted:
                 break
             try:
-                pixels = load_image(path, self.resolution, self.channels)
+                pixels = load_image(path, self.size, self.channels)
             except _DECODE_ERRORS as err:
                 bad.append(f"{path} ({type(err).__name__})")
                 continue
@@ -122,8 +122,8 @@ class ImageFolderDataset(ImageDataset):
         index = index % len(self)
         label = -1 if self.labels is None else int(self.labels[index])
         if self._cache is not None:
-            image = self._cache[index]["image"]
+            image = self._cache[index]["x"]
         else:
-            pixels = load_image(self.paths[index], self.resolution, self.channels)
+            pixels = load_image(self.paths[index], self.size, self.channels)
             image = uint8_to_tensor(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
-        return make_item(image, label, "")
+        return image_item(image, label, "")

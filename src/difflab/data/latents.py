@@ -1,8 +1,8 @@
-"""Latent datasets: every image of a dataset encoded once by a KL autoencoder (Rombach et al. 2022).
+"""Latent datasets: every sample of a dataset encoded once by a KL autoencoder (Rombach et al. 2022).
 
-An item is the base dataset's item with ``"image"`` replaced by the scaled latent
+An item is the base dataset's item with ``"x"`` replaced by the scaled latent
 ``scaling_factor * mean(q(z | x))`` of shape ``(latent_channels, H / f, W / f)``; labels and captions
-are kept. ``channels`` and ``resolution`` are those of the latent, so a diffusion trainer can use the
+are kept. ``sample_shape`` is that of the latent, so a diffusion trainer can use the
 dataset as it would an image dataset.
 
 Why the posterior mean and not a sample: the LDM code draws a fresh ``z ~ q(z | x)`` at every step.
@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from difflab.data.base import ImageDataset, make_item
+from difflab.data.base import DiffusionDataset, image_item
 from difflab.errors import UserError
 from difflab.nets.autoencoder import AutoencoderKL
 
@@ -47,7 +47,7 @@ def _batches(indices: Sequence[int], batch_size: int) -> Iterable[Sequence[int]]
 @torch.no_grad()
 def encode_dataset(autoencoder: AutoencoderKL, dataset: Any, batch_size: int = 64,
                    indices: Sequence[int] | None = None) -> Tensor:
-    """Posterior means (unscaled) of ``dataset[i]["image"]`` for ``i`` in ``indices`` (default all), on the CPU."""
+    """Posterior means (unscaled) of ``dataset[i]["x"]`` for ``i`` in ``indices`` (default all), on the CPU."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"batch_size={batch_size!r} is invalid; use a positive integer")
     indices = list(range(len(dataset))) if indices is None else list(indices)
@@ -57,7 +57,7 @@ def encode_dataset(autoencoder: AutoencoderKL, dataset: Any, batch_size: int = 6
     was_training = autoencoder.training
     autoencoder.eval()
     try:
-        out = [autoencoder.encode(torch.stack([dataset[i]["image"] for i in chunk]).to(device)).mode().cpu()
+        out = [autoencoder.encode(torch.stack([dataset[i]["x"] for i in chunk]).to(device)).mode().cpu()
                for chunk in _batches(indices, batch_size)]
     finally:
         autoencoder.train(was_training)
@@ -80,11 +80,11 @@ def _scan(dataset: Any) -> tuple[str, list[int], list[str]]:
     labels, captions = [], []
     for i in range(len(dataset)):
         item = dataset[i]
-        image = item["image"].detach().cpu().to(torch.float32).contiguous()
+        image = item["x"].detach().cpu().to(torch.float32).contiguous()
         h.update(f"{tuple(image.shape)}".encode())
         h.update(image.numpy().tobytes())
-        labels.append(int(item.get("label", -1)))
-        captions.append(str(item.get("caption", "")))
+        labels.append(int(item["cond"].get("label", -1)))
+        captions.append(str(item["cond"].get("caption", "")))
     return h.hexdigest(), labels, captions
 
 
@@ -105,25 +105,24 @@ def _read_cache(path: Path, key: str) -> Tensor | None:
 
 
 def _write_cache(path: Path, latents: Tensor, key: str) -> None:
-    from difflab.pipelines.model_dir import atomic_write, ensure_writable_dir
+    from difflab.io.files import atomic_write, ensure_writable_dir
 
     ensure_writable_dir(path.parent)
     atomic_write(path, lambda p: save_file({"latents": latents.contiguous()}, str(p),
                                             metadata={"format": CACHE_FORMAT, "key": key}))
 
 
-class LatentDataset(ImageDataset):
-    """``dataset`` encoded by ``autoencoder``: items ``{"image": scaled latent, "label", "caption"}``.
+class LatentDataset(DiffusionDataset):
+    """``dataset`` encoded by ``autoencoder``: items ``{"x": scaled latent, "cond": {"label", "caption"}}``.
 
-    ``channels``/``resolution`` are the latent's; ``image_channels``/``image_resolution`` the base
-    dataset's. ``cache_path``: a ``.safetensors`` file to read the latents from, or to write them to.
+    ``sample_shape`` is the latent's; ``image_shape`` the base dataset's. ``cache_path``: a ``.safetensors`` file to read the latents from, or to write them to.
 
     >>> from difflab.data import build_dataset
     >>> from difflab.nets.autoencoder import AutoencoderConfig
     >>> ae = AutoencoderKL(AutoencoderConfig(base_channels=8, norm_groups=4, scaling_factor=2.0))
     >>> ds = LatentDataset(build_dataset("shapes", 16, num_images=4), ae)
-    >>> ds[0]["image"].shape, ds.channels, ds.resolution
-    (torch.Size([4, 4, 4]), 4, 4)
+    >>> ds[0]["x"].shape, ds.sample_shape, ds.image_shape
+    (torch.Size([4, 4, 4]), (4, 4, 4), (3, 16, 16))
     """
 
     def __init__(self, dataset: Any, autoencoder: AutoencoderKL, batch_size: int = 64,
@@ -141,10 +140,9 @@ class LatentDataset(ImageDataset):
         self.key = key
         self.scaling_factor = autoencoder.scaling_factor
         self.downsample_factor = autoencoder.downsample_factor
-        self.channels = int(latents.shape[1])
-        self.resolution = int(latents.shape[2])
-        self.image_channels = int(getattr(dataset, "channels", dataset[0]["image"].shape[0]))
-        self.image_resolution = int(getattr(dataset, "resolution", dataset[0]["image"].shape[-1]))
+        self.sample_shape = tuple(int(n) for n in latents.shape[1:])
+        self.image_shape = tuple(int(n) for n in getattr(dataset, "sample_shape", dataset[0]["x"].shape))
+        self.modality = getattr(dataset, "modality", "image")
         self.class_names = getattr(dataset, "class_names", None)
 
     def __len__(self) -> int:
@@ -154,8 +152,8 @@ class LatentDataset(ImageDataset):
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for a dataset of {len(self)} latents")
         index = index % len(self)
-        return make_item(self.latents[index], self.labels[index], self.captions[index])
+        return image_item(self.latents[index], self.labels[index], self.captions[index])
 
     def images(self) -> Tensor:
-        """All scaled latents ``(N, channels, resolution, resolution)``."""
+        """All scaled latents ``(N, *sample_shape)``."""
         return self.latents

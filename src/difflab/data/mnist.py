@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from difflab.data.base import ArrayDataset, check_num_images
-from difflab.data.transforms import check_resolution, resize_array
+from difflab.data.transforms import check_size, resize_array
 from difflab.errors import UserError
 
 NATIVE_RESOLUTION = 28
@@ -84,11 +84,11 @@ class MNISTDataset(ArrayDataset):
         self,
         data_dir: str | Path,
         split: str = "auto",
-        resolution: int = NATIVE_RESOLUTION,
+        resolution: int | tuple[int, int] = NATIVE_RESOLUTION,
         num_images: int | None = None,
     ) -> None:
         data_dir = Path(data_dir).expanduser()
-        resolution = check_resolution(resolution)
+        resolution = check_size(resolution)
         self.split = _resolve_split(data_dir, split)
         prefix = PREFIXES[self.split]
         image_path = find_idx_file(data_dir, prefix, "images")

@@ -90,7 +90,7 @@ def _cifar10(resolution: int | None, data_dir: Path | None, num_images: int | No
 
 def build_dataset(
     name: str,
-    resolution: int | None = None,
+    resolution: int | tuple[int, int] | None = None,
     *,
     data_dir: str | Path | None = None,
     num_images: int | None = None,
@@ -104,7 +104,7 @@ def build_dataset(
     class (e.g. ``split="test"``, ``exclude=[("circle", "red")]``, ``labels=True``).
 
     >>> ds = build_dataset("shapes", 16, num_images=8)
-    >>> ds[0]["image"].shape
+    >>> ds[0]["x"].shape
     torch.Size([3, 16, 16])
     """
     data_dir = None if data_dir is None else Path(data_dir).expanduser()

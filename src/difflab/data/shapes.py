@@ -7,7 +7,7 @@ generators", OOPSLA 2014), so a dataset of 100 images is the first 100 of a data
 Example::
 
     ds = ShapesDataset(num_images=1000, resolution=32, seed=0)
-    ds[0]["caption"]            # e.g. "a large cyan square in the center on a black background"
+    ds[0]["cond"]["caption"]      # e.g. "a large cyan square in the center on a black background"
     ds.specs[0]                 # the ShapeSpec it was rendered from
 """
 

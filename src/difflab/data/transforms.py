@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -17,30 +19,43 @@ def check_resolution(resolution: int) -> int:
     return int(resolution)
 
 
-def resize_array(pixels: np.ndarray, resolution: int, value_range: float = 255.0) -> np.ndarray:
-    """Resize square images ``(N, H, W, C)`` to ``(N, R, R, C)`` uint8.
+def check_size(size: int | Sequence[int]) -> tuple[int, int]:
+    """An image size as (height, width): an int means a square, a pair ``[H, W]`` may be non-square."""
+    if isinstance(size, (list, tuple)):
+        if len(size) != 2:
+            raise UserError(f"an image size is one int or [height, width], got {list(size)!r}; e.g. [32, 48]")
+        return check_resolution(size[0]), check_resolution(size[1])
+    side = check_resolution(size)
+    return side, side
+
+
+def resize_array(pixels: np.ndarray, resolution: int | Sequence[int], value_range: float = 255.0) -> np.ndarray:
+    """Resize images ``(N, H, W, C)`` to ``(N, R, R, C)`` (or ``(N, H', W', C)`` for ``resolution=[H', W']``) uint8.
 
     Bilinear interpolation, antialiased when shrinking; input values in ``[0, value_range]``
     are mapped to 0..255 and rounded once, after resizing. Same size: only the rescale.
     """
     x = torch.from_numpy(np.array(pixels, dtype=np.float32)).permute(0, 3, 1, 2)  # a writable copy
-    if x.shape[-1] != resolution or x.shape[-2] != resolution:
-        shrinking = resolution < max(x.shape[-2:])
-        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear",
+    size = check_size(resolution)
+    if tuple(x.shape[-2:]) != size:
+        shrinking = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+        x = F.interpolate(x, size=size, mode="bilinear",
                           align_corners=False, antialias=shrinking)
     x = (x * (255.0 / value_range)).round_().clamp_(0, 255).to(torch.uint8)
     return x.permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:
-    """Resize so the shorter side equals ``resolution`` (bicubic, antialiased), then centre-crop square."""
+def resize_center_crop(image: Image.Image, resolution: int | Sequence[int]) -> Image.Image:
+    """Resize (bicubic, antialiased) so the image covers ``resolution`` (a side, or [H, W]) with the least
+    scaling, then centre-crop to it."""
+    out_h, out_w = check_size(resolution)
     w, h = image.size
-    scale = resolution / min(w, h)
-    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    scale = max(out_w / w, out_h / h)
+    new_w, new_h = max(out_w, round(w * scale)), max(out_h, round(h * scale))
     if (new_w, new_h) != (w, h):
         image = image.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=None)
-    left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
-    return image.crop((left, top, left + resolution, top + resolution))
+    left, top = (new_w - out_w) // 2, (new_h - out_h) // 2
+    return image.crop((left, top, left + out_w, top + out_h))
 
 
 def pil_mode(channels: int) -> str:
@@ -50,8 +65,8 @@ def pil_mode(channels: int) -> str:
     return "L" if channels == 1 else "RGB"
 
 
-def pil_to_array(image: Image.Image, resolution: int, channels: int) -> np.ndarray:
-    """Convert, resize and centre-crop one PIL image to uint8 ``(R, R, C)``."""
+def pil_to_array(image: Image.Image, resolution: int | Sequence[int], channels: int) -> np.ndarray:
+    """Convert, resize and centre-crop one PIL image to uint8 ``(H, W, C)``."""
     image = resize_center_crop(image.convert(pil_mode(channels)), resolution)
     arr = np.asarray(image, dtype=np.uint8)
     return arr[:, :, None] if arr.ndim == 2 else arr

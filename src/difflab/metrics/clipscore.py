@@ -217,7 +217,7 @@ def load_clip(path: str | os.PathLike, device: str = "cpu") -> CLIPLike:
     """A CLIP model from a local folder: difflab's ShapesCLIP or a transformers CLIP (by its config.json)."""
     folder = _check_dir(path)
     config = json.loads((folder / "config.json").read_text())
-    if config.get("kind") == "shapes_clip":
+    if config.get("_class_name") == "ShapesCLIP" or config.get("kind") == "shapes_clip":  # v2, v1 folders
         from difflab.metrics.shapes_clip import ShapesCLIP
 
         return ShapesCLIP.from_pretrained(folder).to(device)

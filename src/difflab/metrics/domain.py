@@ -9,30 +9,32 @@ them as such.
 
 Protocol: images are quantised to uint8 (see ``preprocess``), converted to grey with PIL's ITU-R 601-2
 luma (``L = 0.299 R + 0.587 G + 0.114 B``), resized to 28x28 with PIL bicubic on float32 if needed,
-clipped to [0, 255] and scaled to [0, 1]. Saved as ``config.json`` plus ``model.safetensors``.
+clipped to [0, 255] and scaled to [0, 1]. Saved as a difflab model folder (docs/model_folders.md).
 """
 
 from __future__ import annotations
 
-import json
+import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from difflab.data.mnist import find_idx_file, read_idx
 from difflab.errors import UserError
+from difflab.io.configs import JsonConfig
+from difflab.io.model_folder import PretrainedModel
+from difflab.io.registry import register_network
 from difflab.metrics.preprocess import resize_bicubic
 
 
 @dataclass
-class DigitClassifierConfig:
+class DigitClassifierConfig(JsonConfig):
     """Architecture and provenance of a domain classifier (written to ``config.json``)."""
 
     image_size: int = 28
@@ -43,8 +45,15 @@ class DigitClassifierConfig:
     heldout_accuracy: float | None = None
 
 
-class DigitClassifier(nn.Module):
-    """conv3x3-ReLU-pool x2 -> 128-d ReLU features -> logits. ``forward`` returns ``(features, logits)``."""
+@register_network
+class DigitClassifier(PretrainedModel, nn.Module):
+    """conv3x3-ReLU-pool x2 -> 128-d ReLU features -> logits. ``forward`` returns ``(features, logits)``.
+
+    Saved and loaded by ``save_pretrained`` / ``from_pretrained`` (docs/model_folders.md).
+    """
+
+    config_class = DigitClassifierConfig
+    description = "a digit classifier (train one with difflab.metrics.domain.train_digit_classifier)"
 
     def __init__(self, config: DigitClassifierConfig | None = None) -> None:
         super().__init__()
@@ -62,27 +71,6 @@ class DigitClassifier(nn.Module):
         features = F.relu(self.hidden(x.flatten(1)))
         return features, self.head(features)
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` to ``directory``."""
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(out / "model.safetensors"))
-        (out / "config.json").write_text(json.dumps(asdict(self.config), indent=2) + "\n")
-        return out
-
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> DigitClassifier:
-        """Load a classifier written by ``save_pretrained``."""
-        src = Path(directory)
-        if not (src / "config.json").is_file() or not (src / "model.safetensors").is_file():
-            raise UserError(f"{str(src)!r} has no config.json + model.safetensors; train one with "
-                            "difflab.metrics.domain.train_digit_classifier(...).save_pretrained(dir)")
-        raw = json.loads((src / "config.json").read_text())
-        raw["channels"] = tuple(raw["channels"])
-        model = cls(DigitClassifierConfig(**raw))
-        model.load_state_dict(load_file(str(src / "model.safetensors")))
-        return model.eval()
-
 
 def load_mnist(directory: str | os.PathLike, split: str = "t10k") -> tuple[np.ndarray, np.ndarray]:
     """MNIST images uint8 (N, 28, 28) and labels (N,) from the IDX files of ``split`` ("t10k" | "train")."""
@@ -96,43 +84,44 @@ def load_mnist(directory: str | os.PathLike, split: str = "t10k") -> tuple[np.nd
 
 def train_digit_classifier(images: np.ndarray, labels: np.ndarray, *, heldout: int = 2000, epochs: int = 2,
                            batch_size: int = 128, lr: float = 3e-3, seed: int = 0,
-                           dataset: str = "mnist-test[0:8000]", num_threads: int | None = 1) -> DigitClassifier:
+                           dataset: str = "mnist-test[0:8000]", num_threads: int | None = 1,
+                           out_dir: str | os.PathLike | None = None, resume: bool = False,
+                           progress: bool = False) -> DigitClassifier:
     """Train ``DigitClassifier`` with Adam on all but the last ``heldout`` images (seconds on one CPU core).
 
     ``images``: uint8 (N, 28, 28). The held-out accuracy is stored in the config. ``num_threads``: torch
     intra-op threads while training (restored after); these convolutions are too small to gain from
     threads, and on a busy machine 2 threads ran 8x slower than 1 (``None`` keeps the current setting).
+    One :class:`~difflab.training.Trainer` run of ``ceil(epochs * (N - heldout) / batch_size)`` steps;
+    checkpoints go to ``out_dir`` (default: a temporary folder), and ``resume`` continues the run there.
     """
-    previous = torch.get_num_threads()
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
-    try:
-        return _train(images, labels, heldout, epochs, batch_size, lr, seed, dataset)
-    finally:
-        torch.set_num_threads(previous)
+    from difflab.training.runs import torch_threads
 
-
-def _train(images: np.ndarray, labels: np.ndarray, heldout: int, epochs: int, batch_size: int, lr: float,
-           seed: int, dataset: str) -> DigitClassifier:
     if images.ndim != 3 or len(images) != len(labels) or len(images) <= heldout:
         raise UserError(f"need uint8 images (N, H, W) with N labels and N > heldout={heldout}, got "
                         f"{images.shape} images and {len(labels)} labels")
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
+    with torch_threads(num_threads):
+        return _train(images, labels, heldout, epochs, batch_size, lr, seed, dataset, out_dir, resume, progress)
+
+
+def _train(images: np.ndarray, labels: np.ndarray, heldout: int, epochs: int, batch_size: int, lr: float,
+           seed: int, dataset: str, out_dir: str | os.PathLike | None, resume: bool, progress: bool) -> DigitClassifier:
+    from difflab.data.tensors import TensorDataset
+    from difflab.training.objectives.cross_entropy import CrossEntropyObjective
+    from difflab.training.runs import fit_in_memory, run_config
+
     x = torch.from_numpy(images.astype(np.float32) / 255.0)[:, None]
     y = torch.from_numpy(np.asarray(labels, np.int64))
     n_train = len(x) - heldout
+    steps = math.ceil(epochs * n_train / batch_size)
+    config = run_config(seed=seed, steps=steps, batch_size=batch_size, lr=lr,
+                        data={"dataset": dataset, "num_images": n_train, "resolution": int(images.shape[1])})
+    torch.manual_seed(seed)
     model = DigitClassifier(DigitClassifierConfig(image_size=images.shape[1], dataset=dataset,
                                                   num_classes=int(y.max()) + 1))
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(n_train, generator=gen).split(batch_size):
-            loss = F.cross_entropy(model(x[idx])[1], y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
+    data = TensorDataset(x[:n_train], {"label": y[:n_train]})
+    model, _ = fit_in_memory(model, data, CrossEntropyObjective(), config, out_dir, resume=resume, progress=progress,
+                             what="a domain-classifier run")
     with torch.no_grad():
         pred = model(x[n_train:])[1].argmax(1)
     model.config.heldout_accuracy = float((pred == y[n_train:]).float().mean())

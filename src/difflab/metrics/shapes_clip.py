@@ -22,36 +22,58 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from difflab.data.shapes import ShapesDataset
 from difflab.errors import UserError
+from difflab.io.configs import JsonConfig
+from difflab.io.model_folder import PretrainedModel
+from difflab.io.registry import register_network
 from difflab.nets.text_encoder import CachedTextEncoder, load_text_encoder
-from difflab.pipelines.model_dir import load_weights, read_model_dir, save_model_dir
 
 __all__ = ["ShapesCLIP", "contrastive_loss", "retrieval_accuracy", "train_shapes_clip"]
 
-KIND = "shapes_clip"
-MAX_LOGIT_SCALE = math.log(100.0)  # Radford et al. clip the temperature at 100
+EMA_DECAY = 0.99  # with the warm-up, stands in for v1's one-cycle learning-rate decay
 
 
-class ShapesCLIP(nn.Module):
-    """Image CNN + projection of frozen text-encoder pooled vectors into one ``embed_dim`` space."""
+@dataclass
+class ShapesCLIPConfig(JsonConfig):
+    """Shape of a :class:`ShapesCLIP`; ``text_encoder`` is the text-encoder spec, ``text_dim`` its pooled width
+    (``None``: that of the encoder)."""
 
-    def __init__(self, resolution: int = 32, width: int = 16, embed_dim: int = 64,
+    resolution: int = 32
+    width: int = 16
+    embed_dim: int = 64
+    text_encoder: str | dict[str, Any] = "minilm"
+    text_dim: int | None = None
+
+
+@register_network
+class ShapesCLIP(PretrainedModel, nn.Module):
+    """Image CNN + projection of frozen text-encoder pooled vectors into one ``embed_dim`` space.
+
+    Built from a :class:`ShapesCLIPConfig` or, as before, from its fields (``ShapesCLIP(32, width=16)``).
+    ``report`` (held-out retrieval accuracy) is saved along with it.
+    """
+
+    config_class = ShapesCLIPConfig
+    description = "a ShapesCLIP (write one with train_shapes_clip(...).save_pretrained(DIR))"
+
+    def __init__(self, resolution: ShapesCLIPConfig | int = 32, width: int = 16, embed_dim: int = 64,
                  text_encoder: str | dict[str, Any] = "minilm", text_dim: int | None = None) -> None:
         super().__init__()
-        self.config: dict[str, Any] = {"resolution": resolution, "width": width, "embed_dim": embed_dim}
-        self._text = CachedTextEncoder(load_text_encoder(text_encoder))
-        self.config["text_encoder"] = self._text.to_config()
-        text_dim = text_dim or self._text.pooled_dim
-        self.config["text_dim"] = text_dim
+        config = resolution if isinstance(resolution, ShapesCLIPConfig) else \
+            ShapesCLIPConfig(int(resolution), width, embed_dim, text_encoder, text_dim)
+        self.config = config
+        self._text = CachedTextEncoder(load_text_encoder(config.text_encoder))
+        config.text_encoder = self._text.to_config()
+        config.text_dim = text_dim = config.text_dim or self._text.pooled_dim
+        width, embed_dim, resolution = config.width, config.embed_dim, config.resolution
         layers: list[nn.Module] = []
         cin = 3
         for cout in (width, 2 * width, 4 * width):
@@ -61,11 +83,19 @@ class ShapesCLIP(nn.Module):
         self.image_net = nn.Sequential(*layers, nn.Flatten(), nn.Linear(cin * (resolution // 8) ** 2, embed_dim))
         self.text_proj = nn.Sequential(nn.Linear(text_dim, 2 * embed_dim), nn.SiLU(), nn.Linear(2 * embed_dim, embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-        self.report: dict[str, Any] = {}
+
+    @property
+    def report(self) -> dict[str, Any]:
+        """Held-out evaluation of the training run (kept in ``extra_config["report"]``)."""
+        return self.extra_config.setdefault("report", {})
+
+    @report.setter
+    def report(self, value: dict[str, Any]) -> None:
+        self.extra_config["report"] = dict(value)
 
     @property
     def resolution(self) -> int:
-        return int(self.config["resolution"])
+        return int(self.config.resolution)
 
     def encode_images(self, x: Tensor) -> Tensor:
         """``(N, 3, H, W)`` in [-1, 1] (resized to ``resolution`` with antialiased bilinear if needed) -> ``(N, D)``."""
@@ -81,33 +111,12 @@ class ShapesCLIP(nn.Module):
     def encode_text(self, prompts: Sequence[str]) -> Tensor:
         return self.text_proj(self.text_features(prompts))
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write ``config.json`` (architecture, text-encoder spec, report) and ``model.safetensors``."""
-        save_model_dir(Path(path), {"kind": KIND, **self.config, "report": self.report}, self)
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> ShapesCLIP:
-        """Read a folder written by :meth:`save_pretrained`."""
-        config, weights = read_model_dir(Path(path))
-        if config.get("kind") != KIND:
-            raise UserError(f"{path} holds a {config.get('kind')!r} model, not a ShapesCLIP; "
-                            "write one with train_shapes_clip(...).save_pretrained(DIR)")
-        model = cls(config["resolution"], config["width"], config["embed_dim"], config["text_encoder"],
-                    config["text_dim"])
-        load_weights(model, weights, Path(path))
-        model.report = config.get("report", {})
-        return model.eval()
-
 
 def contrastive_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, captions: Sequence[str]) -> Tensor:
-    """Symmetric InfoNCE (Radford et al. 2021) with targets uniform over items sharing a caption."""
-    i, t = F.normalize(image_emb, dim=1), F.normalize(text_emb, dim=1)
-    logits = logit_scale.clamp(max=MAX_LOGIT_SCALE).exp() * i @ t.T
-    index = {c: k for k, c in enumerate(dict.fromkeys(captions))}
-    ids = torch.tensor([index[c] for c in captions], device=logits.device)
-    same = (ids[:, None] == ids[None, :]).float()
-    target = same / same.sum(1, keepdim=True)
-    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    """Symmetric InfoNCE (Radford et al. 2021) with targets uniform over items sharing a caption (batch mean)."""
+    from difflab.training.objectives.contrastive import contrastive_losses
+
+    return contrastive_losses(image_emb, text_emb, logit_scale, captions).mean()
 
 
 @torch.no_grad()
@@ -131,52 +140,49 @@ def retrieval_accuracy(model: ShapesCLIP, images: Tensor, captions: Sequence[str
 def train_shapes_clip(resolution: int = 32, steps: int = 400, seed: int = 0, *, num_images: int = 4000,
                       batch_size: int = 128, lr: float = 2e-3, width: int = 16, embed_dim: int = 64,
                       text_encoder: str | dict[str, Any] = "minilm", num_test: int = 1000,
-                      num_threads: int | None = 1, progress: bool = True) -> ShapesCLIP:
+                      num_threads: int | None = 1, progress: bool = True, out_dir: str | os.PathLike | None = None,
+                      resume: bool = False) -> ShapesCLIP:
     """Train a ShapesCLIP on shapes of ``seed`` and store its held-out retrieval accuracy in ``model.report``.
 
     Test images come from ``seed + 1`` (disjoint draws); ``report["retrieval_top1"]`` is image -> caption
     top-1 accuracy among 32 distinct captions (chance 1/32), see :func:`retrieval_accuracy`.
     ``num_threads``: torch intra-op threads while training (restored after); these convolutions are too
     small to gain from threads, and on a busy 2-core machine 2 threads ran ~15x slower than 1.
+    One :class:`~difflab.training.Trainer` run (AdamW, weight decay 0.01, warm-up over the first quarter,
+    the EMA of the weights is returned); checkpoints go to ``out_dir`` (default: a temporary folder), and
+    ``resume`` continues the run there.
     """
-    previous = torch.get_num_threads()
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
-    try:
+    from difflab.training.runs import torch_threads
+
+    with torch_threads(num_threads):
         torch.manual_seed(seed)
         model = ShapesCLIP(resolution, width, embed_dim, text_encoder)
         train = ShapesDataset(num_images, resolution, seed=seed)
-        loss = _train(model, train.images(), list(train.captions), steps, batch_size, lr, seed, progress)
+        model, loss = _train(model, train, steps, batch_size, lr, seed, progress, out_dir, resume)
         test = ShapesDataset(num_test, resolution, seed=seed + 1)
         model.report = {"retrieval_top1": retrieval_accuracy(model, test.images(), list(test.captions)),
                         "retrieval_candidates": 32, "num_test_images": num_test, "test_seed": seed + 1,
                         "train_images": num_images, "steps": steps, "batch_size": batch_size, "seed": seed,
                         "final_loss": loss}
         return model
-    finally:
-        torch.set_num_threads(previous)
 
 
-def _train(model: ShapesCLIP, x: Tensor, captions: list[str], steps: int, batch_size: int, lr: float,
-           seed: int, progress: bool) -> float:
-    """AdamW + one-cycle schedule on random batches; the frozen text vectors are computed once per caption."""
+def _train(model: ShapesCLIP, train: ShapesDataset, steps: int, batch_size: int, lr: float, seed: int,
+           progress: bool, out_dir: str | os.PathLike | None, resume: bool) -> tuple[ShapesCLIP, float]:
+    """The trained (EMA) model and its last batch loss; the frozen text vectors are computed once per caption."""
+    from difflab.data.tensors import TensorDataset
+    from difflab.training.objectives.contrastive import ContrastiveObjective
+    from difflab.training.runs import fit_in_memory, run_config
+
+    captions = list(train.captions)
     distinct = list(dict.fromkeys(captions))
-    table = model.text_features(distinct)
+    table = model.text_features(distinct).cpu()
     row = {c: k for k, c in enumerate(distinct)}
-    caption_ids = torch.tensor([row[c] for c in captions])
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    loss = torch.zeros(())
-    for _ in tqdm(range(steps), desc="shapes CLIP", disable=not progress):
-        idx = torch.randperm(len(x), generator=g)[:batch_size]
-        text_emb = model.text_proj(table[caption_ids[idx]])
-        loss = contrastive_loss(model.encode_images(x[idx]), text_emb, model.logit_scale,
-                                [captions[k] for k in idx.tolist()])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    model.eval()
-    return float(loss.detach())
+    data = TensorDataset(train.images(), {"caption": captions, "text": table[torch.tensor([row[c] for c in captions])]})
+    config = run_config(seed=seed, steps=steps, batch_size=batch_size, lr=lr, weight_decay=0.01,
+                        warmup_steps=max(steps // 4, 1), ema_decay=EMA_DECAY,
+                        data={"dataset": "shapes", "resolution": model.resolution, "num_images": len(train)},
+                        model=model.config.to_dict())
+    model, last = fit_in_memory(model, data, ContrastiveObjective(), config, out_dir, resume=resume, progress=progress,
+                                what="a ShapesCLIP run")
+    return model, float(last.get("loss", math.nan))  # the last step's batch loss

@@ -20,27 +20,27 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from difflab.errors import UserError
+from difflab.io.configs import JsonConfig
+from difflab.io.model_folder import PretrainedModel
+from difflab.io.registry import register_network
 from difflab.nets.attention import SelfAttention
 from difflab.nets.blocks import Downsample, ResBlock, Upsample, conv_nd, group_norm
 from difflab.noise import NoiseSource
 
-MODEL_TYPE = "autoencoder_kl"
 LOGVAR_RANGE = (-30.0, 20.0)  # clamp of the log-variance, as in the LDM code, so exp() stays finite
 GeneratorLike = torch.Generator | Sequence[torch.Generator] | NoiseSource | None
 
 
 @dataclass
-class AutoencoderConfig:
+class AutoencoderConfig(JsonConfig):
     """Shape of an :class:`AutoencoderKL`.
 
     Attributes:
@@ -84,20 +84,6 @@ class AutoencoderConfig:
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.channel_mults) - 1)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly dict (tuples become lists); :meth:`from_dict` inverts it."""
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
-                for f in dataclasses.fields(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> AutoencoderConfig:
-        """Build from :meth:`to_dict` output; an unknown key raises ``UserError``."""
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in d if k not in valid]
-        if unknown:
-            raise UserError(f"unknown AutoencoderConfig key {unknown[0]!r}; valid keys are: {', '.join(valid)}")
-        return cls(**d)
 
 
 def check_scaling_factor(value: Any) -> float:
@@ -226,13 +212,19 @@ class Decoder(nn.Module):
         return self.head(h)
 
 
-class AutoencoderKL(nn.Module):
-    """KL autoencoder: ``encode(x) -> DiagonalGaussian``, ``decode(z) -> x``, ``forward(x) -> (x_rec, posterior)``."""
+@register_network
+class AutoencoderKL(PretrainedModel, nn.Module):
+    """KL autoencoder: ``encode(x) -> DiagonalGaussian``, ``decode(z) -> x``, ``forward(x) -> (x_rec, posterior)``.
+
+    ``scaling_factor`` is part of its config, so ``save_pretrained`` / ``from_pretrained`` keep it.
+    """
+
+    config_class = AutoencoderConfig
+    description = "an autoencoder"
 
     def __init__(self, config: AutoencoderConfig) -> None:
         super().__init__()
         self.config = config
-        self.extra_config: dict[str, Any] = {}
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
 
@@ -270,22 +262,3 @@ class AutoencoderKL(nn.Module):
         """Reconstruction of ``x`` from a posterior sample, and the posterior."""
         posterior = self.encode(x)
         return self.decode(posterior.sample(generator)), posterior
-
-    # ----- persistence ----------------------------------------------------------------------
-    def save_pretrained(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
-        """Write ``config.json`` (model type, autoencoder config, ``extra``) and ``model.safetensors``."""
-        from difflab.pipelines.model_dir import save_typed_model  # here: difflab.pipelines may import this module
-
-        save_typed_model(Path(path), MODEL_TYPE, "autoencoder", self, extra)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> AutoencoderKL:
-        """Load a folder written by :meth:`save_pretrained`; ``model.extra_config`` holds the other keys."""
-        from difflab.pipelines.model_dir import load_weights, read_typed_model
-
-        config, extra, weights = read_typed_model(Path(path), MODEL_TYPE, "autoencoder", "an autoencoder",
-                                                  "train one with `difflab train-autoencoder`")
-        model = cls(AutoencoderConfig.from_dict(config))
-        load_weights(model, weights, Path(path))
-        model.extra_config = extra
-        return model.to(device).eval()

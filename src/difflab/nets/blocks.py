@@ -1,7 +1,7 @@
 """Convolutional building blocks of the UNet, written for any number of spatial dims.
 
-Every block takes ``dims`` (1 for audio, 2 for images, 3 for video volumes) so that 1-D and
-temporal UNets can reuse them; only ``dims=2`` is exercised by the UNet today.
+Every block takes ``dims`` (1 for audio, 2 for images, 3 for video volumes), so the one UNet serves
+1-D, 2-D and space-time data; ``Downsample`` / ``Upsample`` may leave some axes (a video's time) alone.
 """
 
 from __future__ import annotations
@@ -89,26 +89,34 @@ class ResBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Halve every spatial dim with a learned stride-2 3x3 conv (Ho et al. 2020)."""
+    """Halve the spatial dims with a learned stride-2 3x3 conv (Ho et al. 2020).
 
-    def __init__(self, channels: int, dims: int = 2) -> None:
+    ``axes``: one bool per spatial axis, whether to halve it (stride 1 on the others); None halves all.
+    """
+
+    def __init__(self, channels: int, dims: int = 2, axes: tuple[bool, ...] | None = None) -> None:
         super().__init__()
-        self.conv = conv_nd(dims, channels, channels, 3, stride=2, padding=1)
+        stride = 2 if axes is None or all(axes) else tuple(2 if a else 1 for a in axes)
+        self.conv = conv_nd(dims, channels, channels, 3, stride=stride, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(x)
 
 
 class Upsample(nn.Module):
-    """Double every spatial dim: nearest-neighbour resize then a 3x3 conv (Ho et al. 2020).
+    """Double the spatial dims: nearest-neighbour resize then a 3x3 conv (Ho et al. 2020).
 
     The conv may also change the width (``out_channels``), so that it already produces the finer
-    level's channel count instead of running a wide conv at the finer resolution.
+    level's channel count instead of running a wide conv at the finer resolution. ``axes`` as in
+    :class:`Downsample`.
     """
 
-    def __init__(self, channels: int, dims: int = 2, out_channels: int | None = None) -> None:
+    def __init__(self, channels: int, dims: int = 2, out_channels: int | None = None,
+                 axes: tuple[bool, ...] | None = None) -> None:
         super().__init__()
+        self.scale: float | tuple[float, ...] = (
+            2.0 if axes is None or all(axes) else tuple(2.0 if a else 1.0 for a in axes))
         self.conv = conv_nd(dims, channels, out_channels or channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, scale_factor=self.scale, mode="nearest"))

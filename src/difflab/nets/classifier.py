@@ -17,74 +17,47 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from difflab.errors import UserError
+from difflab.io.model_folder import PretrainedModel
+from difflab.io.registry import register_network
 from difflab.nets.attention import merge_heads, num_heads_for, split_heads, to_tokens
 from difflab.nets.blocks import Downsample, conv_nd, group_norm
 from difflab.nets.embeddings import TimestepEmbedding
-from difflab.nets.unet import _timesteps, build_encoder
-from difflab.nets.unet_config import UNetConfig
-from difflab.pipelines.model_dir import load_weights, read_typed_model, save_typed_model
+from difflab.nets.unet import _timesteps, build_encoder, check_input
+from difflab.nets.unet_config import EncoderConfig
 
-MODEL_TYPE = "noisy_classifier"
-_ENCODER_FIELDS = ("in_channels", "base_channels", "channel_mults", "num_res_blocks", "attention_levels",
-                   "head_channels", "dropout", "norm_groups", "mid_attention")
 
 
 @dataclass
-class ClassifierConfig:
-    """Shape of a :class:`NoisyClassifier`; the encoder fields mean what they mean in :class:`UNetConfig`.
+class ClassifierConfig(EncoderConfig):
+    """Shape of a :class:`NoisyClassifier`: the encoder fields of :class:`EncoderConfig` (shared with the UNet), and
 
     Attributes:
         num_classes: number of output classes (logits).
         pool: "attention" (a learned query attends over all positions) or "mean" (global average pool).
     """
 
-    in_channels: int = 3
-    num_classes: int = 10
     base_channels: int = 32
-    channel_mults: tuple[int, ...] = (1, 2, 2)
     num_res_blocks: int | tuple[int, ...] = 1
-    attention_levels: tuple[int, ...] = (1,)
-    head_channels: int = 32
-    dropout: float = 0.0
-    norm_groups: int = 32
-    mid_attention: bool = True
+    num_classes: int = 10
     pool: Literal["attention", "mean"] = "attention"
 
-    def __post_init__(self) -> None:
-        self.channel_mults = tuple(int(m) for m in self.channel_mults)
-        self.attention_levels = tuple(int(i) for i in self.attention_levels)
-        if not isinstance(self.num_res_blocks, int):
-            self.num_res_blocks = tuple(int(n) for n in self.num_res_blocks)
+    def _validate(self) -> None:
+        super()._validate()
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 2:
             raise UserError(f"num_classes={self.num_classes!r} is invalid; a classifier needs an integer >= 2")
         if self.pool not in ("attention", "mean"):
             raise UserError(f"pool={self.pool!r} is invalid; use 'attention' or 'mean'")
-        self.encoder_config()  # validates the shared fields
 
-    def encoder_config(self) -> UNetConfig:
-        """The encoder's fields as a (validated) :class:`UNetConfig`, which the UNet stages read."""
-        return UNetConfig(**{name: getattr(self, name) for name in _ENCODER_FIELDS})
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly dict (tuples become lists); :meth:`from_dict` inverts it."""
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in dataclasses.fields(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ClassifierConfig:
-        """Build from :meth:`to_dict` output; an unknown key raises ``UserError``."""
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in d if k not in valid]
-        if unknown:
-            raise UserError(f"unknown ClassifierConfig key {unknown[0]!r}; valid keys are: {', '.join(valid)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    def encoder_config(self) -> EncoderConfig:
+        """The encoder's fields alone, as an :class:`EncoderConfig`."""
+        return EncoderConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(EncoderConfig)})
 
 
 class AttentionPool(nn.Module):
@@ -110,20 +83,23 @@ class AttentionPool(nn.Module):
         return self.proj(merge_heads(F.scaled_dot_product_attention(q, k, v)))[:, 0] + mean[:, 0]
 
 
-class NoisyClassifier(nn.Module):
-    """Classifier of noisy inputs: ``forward(x_t, t) -> logits`` (B, num_classes), t in index units."""
+@register_network
+class NoisyClassifier(PretrainedModel, nn.Module):
+    """Classifier of noisy inputs: ``forward(x_t, t) -> logits`` (B, num_classes), t in index units.
 
-    dims = 2
+    ``extra_config`` holds what it was trained with (its ``"schedule"``), saved along by ``save_pretrained``.
+    """
+
+    config_class = ClassifierConfig
+    description = "a noise-aware classifier"
 
     def __init__(self, config: ClassifierConfig) -> None:
         super().__init__()
-        self.config = config
-        self.extra_config: dict[str, Any] = {}
-        enc = config.encoder_config()
+        self.config = enc = config
         emb_dim = 4 * enc.base_channels
         self.time_embed = TimestepEmbedding(enc.base_channels, emb_dim)
-        self.conv_in = conv_nd(self.dims, enc.in_channels, enc.base_channels * enc.channel_mults[0], 3, padding=1)
-        self.down, self.mid, skips = build_encoder(enc, emb_dim, self.dims)
+        self.conv_in = conv_nd(enc.dims, enc.in_channels, enc.base_channels * enc.channel_mults[0], 3, padding=1)
+        self.down, self.mid, skips = build_encoder(enc, emb_dim, enc.dims)
         ch = skips[-1]
         self.norm_out = group_norm(ch, enc.norm_groups)
         self.pool = AttentionPool(ch, enc.head_channels) if config.pool == "attention" else None
@@ -145,23 +121,4 @@ class NoisyClassifier(nn.Module):
         return self.head(pooled)
 
     def _check_input(self, x: Tensor) -> None:
-        c, f = self.config.in_channels, self.downsample_factor
-        if x.dim() != 2 + self.dims or x.shape[1] != c:
-            raise UserError(f"classifier input has shape {tuple(x.shape)}; expected (B, {c}, H, W)")
-        if any(size % f for size in x.shape[2:]):
-            raise UserError(f"spatial size {tuple(x.shape[2:])} is not divisible by {f} (= 2 ** (levels - 1)); resize or pad")
-
-    # ----- persistence ----------------------------------------------------------------------
-    def save_pretrained(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
-        """Write ``config.json`` (model type, classifier config, ``extra`` such as the schedule) and weights."""
-        save_typed_model(Path(path), MODEL_TYPE, "classifier", self, extra)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> NoisyClassifier:
-        """Load a folder written by :meth:`save_pretrained`; ``model.extra_config`` holds the other keys."""
-        config, extra, weights = read_typed_model(Path(path), MODEL_TYPE, "classifier", "a noise-aware classifier",
-                                                  "train one with `difflab train-classifier`")
-        model = cls(ClassifierConfig.from_dict(config))
-        load_weights(model, weights, Path(path))
-        model.extra_config = extra
-        return model.to(device).eval()
+        check_input(x, self.config, self.downsample_factor, "classifier input")

@@ -9,10 +9,14 @@ same; the number of stride-2 layers shrinks for small images so that the logit m
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from torch import Tensor, nn
 
 from difflab.errors import UserError
+from difflab.io.configs import JsonConfig
+from difflab.io.model_folder import PretrainedModel
+from difflab.io.registry import register_network
 from difflab.nets.blocks import group_norm
 
 MIN_RESOLUTION = 8
@@ -30,13 +34,38 @@ def patch_layers(resolution: int, max_layers: int = 3) -> int:
     return max(1, min(max_layers, math.floor(math.log2(resolution / 3))))
 
 
-class PatchDiscriminator(nn.Module):
-    """``D(x) -> (B, 1, h, w)`` logits of "real" for overlapping patches of ``x`` ``(B, C, H, W)``."""
+@dataclass
+class PatchDiscriminatorConfig(JsonConfig):
+    """Shape of a :class:`PatchDiscriminator` (``resolution``: the image side it is built for)."""
 
-    def __init__(self, in_channels: int, resolution: int, base_channels: int = 64, max_layers: int = 3,
-                 norm_groups: int = 32) -> None:
+    in_channels: int = 3
+    resolution: int = 32
+    base_channels: int = 64
+    max_layers: int = 3
+    norm_groups: int = 32
+
+
+@register_network
+class PatchDiscriminator(PretrainedModel, nn.Module):
+    """``D(x) -> (B, 1, h, w)`` logits of "real" for overlapping patches of ``x`` ``(B, C, H, W)``.
+
+    Built from a :class:`PatchDiscriminatorConfig` or, as before, ``PatchDiscriminator(in_channels, resolution, ...)``.
+    """
+
+    config_class = PatchDiscriminatorConfig
+    description = "a patch discriminator"
+
+    def __init__(self, in_channels: PatchDiscriminatorConfig | int, resolution: int | None = None,
+                 base_channels: int = 64, max_layers: int = 3, norm_groups: int = 32) -> None:
         super().__init__()
-        n = patch_layers(resolution, max_layers)
+        config = in_channels
+        if not isinstance(config, PatchDiscriminatorConfig):
+            if resolution is None:
+                raise UserError("PatchDiscriminator needs the image resolution: PatchDiscriminator(in_channels, resolution)")
+            config = PatchDiscriminatorConfig(int(in_channels), resolution, base_channels, max_layers, norm_groups)
+        self.config = c = config
+        in_channels, base_channels, norm_groups = c.in_channels, c.base_channels, c.norm_groups
+        n = patch_layers(c.resolution, c.max_layers)
         layers: list[nn.Module] = [nn.Conv2d(in_channels, base_channels, 4, 2, 1), nn.LeakyReLU(0.2)]
         ch = base_channels
         for i in range(1, n + 1):

@@ -27,10 +27,12 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from difflab.errors import UserError
+from difflab.io.model_folder import PretrainedModel
+from difflab.io.registry import register_network
 from difflab.nets.attention import CrossAttention, SelfAttention, check_context
 from difflab.nets.blocks import Downsample, ResBlock, Upsample, conv_nd, group_norm, silu
 from difflab.nets.embeddings import ClassEmbedding, TimestepEmbedding
-from difflab.nets.unet_config import UNetConfig
+from difflab.nets.unet_config import EncoderConfig, UNetConfig
 
 __all__ = ["UNet", "UNetConfig", "UNetStage"]
 
@@ -43,7 +45,7 @@ class UNetStage(nn.Module):
         in_channels: int,
         out_channels: int,
         emb_dim: int,
-        config: UNetConfig,
+        config: EncoderConfig,
         attention: bool,
         dims: int,
     ) -> None:
@@ -51,9 +53,10 @@ class UNetStage(nn.Module):
         c = config
         self.res = ResBlock(in_channels, out_channels, emb_dim, c.dropout, c.norm_groups, dims)
         self.attn = SelfAttention(out_channels, c.head_channels, c.norm_groups) if attention else None
+        context_dim = getattr(c, "context_dim", None)  # encoder-only configs (the classifier's) have none
         self.cross = (
-            CrossAttention(out_channels, c.context_dim, c.head_channels, c.norm_groups)
-            if attention and c.context_dim is not None
+            CrossAttention(out_channels, context_dim, c.head_channels, c.norm_groups)
+            if attention and context_dim is not None
             else None
         )
 
@@ -66,7 +69,7 @@ class UNetStage(nn.Module):
         return h
 
 
-def build_encoder(config: UNetConfig, emb_dim: int, dims: int) -> tuple[nn.ModuleList, nn.ModuleList, list[int]]:
+def build_encoder(config: EncoderConfig, emb_dim: int, dims: int) -> tuple[nn.ModuleList, nn.ModuleList, list[int]]:
     """The encoder half of the UNet: downsampling stages and the middle block.
 
     Returns ``(down, mid, skips)``; ``skips`` lists the channels of every skip connection in order (the
@@ -85,18 +88,20 @@ def build_encoder(config: UNetConfig, emb_dim: int, dims: int) -> tuple[nn.Modul
             ch = chans[level]
             skips.append(ch)
         if level < len(chans) - 1:
-            down.append(Downsample(ch, dims))
+            down.append(Downsample(ch, dims, config.downsample_axes))
             skips.append(ch)
     mid = nn.ModuleList([stage(ch, ch, config.mid_attention), stage(ch, ch, False)])
     return down, mid, skips
 
 
-class UNet(nn.Module):
-    """Noise-prediction UNet ``eps_theta(x_t, t, cond)`` for ``dims``-D data (images: ``dims=2``).
+@register_network
+class UNet(PretrainedModel, nn.Module):
+    """Noise-prediction UNet ``eps_theta(x_t, t, cond)`` for ``config.dims``-D data (images: ``dims=2``).
 
-    ``forward(x, t)`` takes ``x`` of shape ``(B, in_channels, H, W)`` and the discrete timestep index
-    ``t`` (a float in ``0 .. T-1``, fractional allowed; scalar or shape ``(B,)``) and returns
-    ``(B, out_channels, H, W)``. ``H`` and ``W`` must be divisible by ``2 ** (len(channel_mults) - 1)``.
+    ``forward(x, t)`` takes ``x`` of shape ``(B, in_channels, *spatial)`` (``(B, C, L)``, ``(B, C, H, W)``
+    or ``(B, C, T, H, W)``) and the discrete timestep index ``t`` (a float in ``0 .. T-1``, fractional
+    allowed; scalar or shape ``(B,)``) and returns ``(B, out_channels, *spatial)``. Every downsampled axis
+    (all, unless ``config.downsample_axes`` says otherwise) must be divisible by ``2 ** (len(channel_mults) - 1)``.
 
     Conditioning (each only if enabled in the config):
       * ``class_labels`` ``(B,)`` ints: a learned embedding added to the time embedding. Label
@@ -105,23 +110,29 @@ class UNet(nn.Module):
       * ``context`` ``(B, L, context_dim)`` with optional ``context_mask`` ``(B, L)`` (``True`` = attend):
         cross-attention after each self-attention. ``context=None`` skips cross-attention.
       * ``pooled_context`` ``(B, pooled_context_dim)``: projected and added to the time embedding.
+      * ``concat`` ``(B, concat_channels, *spatial)``: joined to ``x`` along channels before ``conv_in``,
+        first upsampled to x's size if smaller (SR3); only ``x`` counts as ``in_channels``.
+      * ``aug_level`` scalar or ``(B,)``: the concat condition's augmentation level, embedded like ``t``
+        (``aug_embedding``; None means 0, the clean condition).
 
     Works with ``model.to(memory_format=torch.channels_last)`` and channels-last inputs.
     """
 
-    dims = 2
+    config_class = UNetConfig
+    description = "a diffusion UNet"
 
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()
         self.config = config
-        dims = self.dims
+        dims = config.dims
         chans = [config.base_channels * m for m in config.channel_mults]
         emb_dim = 4 * config.base_channels
         self.time_embed = TimestepEmbedding(config.base_channels, emb_dim)
         self.class_embed = ClassEmbedding(config.num_classes, emb_dim) if config.num_classes else None
         pooled_dim = config.pooled_context_dim
         self.pooled_proj = nn.Linear(pooled_dim, emb_dim) if pooled_dim else None
-        self.conv_in = conv_nd(dims, config.in_channels, chans[0], 3, padding=1)
+        self.aug_embed = TimestepEmbedding(config.base_channels, emb_dim) if config.aug_embedding else None
+        self.conv_in = conv_nd(dims, config.in_channels + config.concat_channels, chans[0], 3, padding=1)
 
         def stage(cin: int, cout: int, attention: bool) -> UNetStage:
             return UNetStage(cin, cout, emb_dim, config, attention, dims)
@@ -134,12 +145,17 @@ class UNet(nn.Module):
                 self.up.append(stage(ch + skips.pop(), chans[level], level in config.attention_levels))
                 ch = chans[level]
             if level > 0:
-                self.up.append(Upsample(ch, dims, out_channels=chans[level - 1]))
+                self.up.append(Upsample(ch, dims, out_channels=chans[level - 1], axes=config.downsample_axes))
                 ch = chans[level - 1]
         self.norm_out = group_norm(ch, config.norm_groups)
         self.conv_out = conv_nd(dims, ch, config.resolved_out_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
+
+    @property
+    def dims(self) -> int:
+        """Spatial dims of the data (1, 2 or 3)."""
+        return self.config.dims
 
     @property
     def null_label(self) -> int | None:
@@ -160,12 +176,19 @@ class UNet(nn.Module):
         context: Tensor | None = None,
         context_mask: Tensor | None = None,
         pooled_context: Tensor | None = None,
+        concat: Tensor | None = None,
+        aug_level: Tensor | float | None = None,
     ) -> Tensor:
         """Predict the network output (e.g. the noise ``eps``) for ``x`` at timestep ``t``."""
         self._check_input(x)
-        emb = F.silu(self._embedding(x, t, class_labels, pooled_context))
+        emb = self._embedding(x, t, class_labels, pooled_context)
+        if self.aug_embed is not None:  # aug_level None: the clean condition, level 0
+            emb = emb + self.aug_embed(_timesteps(0.0 if aug_level is None else aug_level, x.shape[0], x.device))
+        elif aug_level is not None:
+            raise UserError("aug_level was given but the UNet has no augmentation embedding; set aug_embedding")
+        emb = F.silu(emb)
         mask = self._context(x, context, context_mask)
-        h = self.conv_in(x)
+        h = self.conv_in(self._join(x, concat))
         skips = [h]
         for block in self.down:
             h = block(h) if isinstance(block, Downsample) else self._run(block, h, emb, context, mask)
@@ -212,19 +235,40 @@ class UNet(nn.Module):
         return check_context(context, mask, x.shape[0], self.config.context_dim)
 
     def _check_input(self, x: Tensor) -> None:
-        if x.dim() != 2 + self.dims or x.shape[1] != self.config.in_channels:
+        check_input(x, self.config, self.downsample_factor, "input")
+
+    def _join(self, x: Tensor, concat: Tensor | None) -> Tensor:
+        """``x`` with the ``concat`` condition (upsampled to x's size) appended along channels."""
+        want = self.config.concat_channels
+        if concat is None or not want:
+            if want or concat is not None:
+                raise UserError(f"the UNet takes a concat condition of {want} channels, got "
+                                + ("none; pass concat=" if concat is None else f"shape {tuple(concat.shape)}; set concat_channels"))
+            return x
+        if concat.dim() != x.dim() or concat.shape[0] != x.shape[0] or concat.shape[1] != want:
+            raise UserError(f"concat has shape {tuple(concat.shape)}; expected ({x.shape[0]}, {want}, *spatial) for x {tuple(x.shape)}")
+        if concat.shape[2:] != x.shape[2:]:
+            mode = self.config.concat_resize
+            if mode == "bilinear":
+                mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[self.dims]
+            smooth = {} if mode == "nearest" else {"align_corners": False}
+            concat = F.interpolate(concat.to(x.dtype), size=tuple(x.shape[2:]), mode=mode, **smooth)
+        return torch.cat([x, concat.to(x.dtype)], dim=1)
+
+
+def check_input(x: Tensor, config: EncoderConfig, f: int, what: str) -> None:
+    """A one-line UserError unless ``x`` is ``(B, in_channels, *spatial)`` with downsampled axes divisible by ``f``."""
+    if x.dim() != 2 + config.dims or x.shape[1] != config.in_channels:
+        axes = {1: "L", 2: "H, W", 3: "T, H, W"}[config.dims]
+        raise UserError(f"{what} has shape {tuple(x.shape)}; expected (B, {config.in_channels}, {axes})")
+    for size, down in zip(x.shape[2:], config.resolved_downsample_axes()):
+        if down and size % f:
+            low, high = (size // f) * f, (size // f + 1) * f
+            nearest = f"{low} or {high}" if low else f"{high}"
             raise UserError(
-                f"input has shape {tuple(x.shape)}; expected (B, {self.config.in_channels}, H, W)"
+                f"spatial size {size} (input {tuple(x.shape[2:])}) is not divisible by {f} "
+                f"(= 2 ** (levels - 1)); resize or pad to {nearest}"
             )
-        f = self.downsample_factor
-        for size in x.shape[2:]:
-            if size % f:
-                low, high = (size // f) * f, (size // f + 1) * f
-                nearest = f"{low} or {high}" if low else f"{high}"
-                raise UserError(
-                    f"spatial size {size} (input {tuple(x.shape[2:])}) is not divisible by {f} "
-                    f"(= 2 ** (levels - 1)); resize or pad to {nearest}"
-                )
 
 
 def _timesteps(t: Tensor | float, batch: int, device: torch.device) -> Tensor:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from difflab.errors import UserError
-
-_TUPLE_FIELDS = ("channel_mults", "attention_levels")
+from difflab.io.configs import JsonConfig
 
 # Named shapes for 32x32 inputs (use with UNetConfig.preset). See docs/benchmarks_unet.md.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -33,33 +31,26 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 @dataclass
-class UNetConfig:
-    """Shape of a :class:`~difflab.nets.unet.UNet`.
+class EncoderConfig(JsonConfig):
+    """The encoder fields shared by :class:`UNetConfig` and the noise-aware classifier's config.
 
     Attributes:
         in_channels: channels of the input (3 for RGB).
-        out_channels: channels of the output; ``None`` means ``in_channels`` (use ``2 * in_channels``
-            for a learned variance, Nichol & Dhariwal 2021).
         base_channels: channels at full resolution; level ``i`` has ``base_channels * channel_mults[i]``.
-        channel_mults: one multiplier per resolution level; each level after the first halves H and W.
-        num_res_blocks: residual blocks per encoder level (the decoder has one more per level to
-            consume the downsampling skip). An int for all levels or a tuple with one per level.
+        channel_mults: one multiplier per resolution level; each level after the first halves the
+            downsampled axes (all of them unless ``downsample_axes`` says otherwise).
+        num_res_blocks: residual blocks per encoder level. An int for all levels or one per level.
         attention_levels: indices into ``channel_mults`` of the levels with self-attention.
         head_channels: channels per attention head.
         dropout: dropout rate inside residual blocks (active in training mode only).
         norm_groups: GroupNorm groups, clipped to a divisor of each channel count.
-        num_classes: if set, a class embedding (with one extra learned "null" label, index
-            ``num_classes``) is added to the time embedding.
-        context_dim: if set, every attention level (and the middle) gets cross-attention to
-            ``context`` tokens of this width after its self-attention.
-        pooled_context_dim: if set, a pooled text vector of this width is projected and added to
-            the time embedding.
-        mid_attention: self-attention (and cross-attention if ``context_dim``) in the middle block.
-        gradient_checkpointing: recompute block activations in backward to save memory.
+        mid_attention: self-attention in the middle block.
+        dims: spatial dims of the data: 1 (B, C, L), 2 (B, C, H, W) or 3 (B, C, T, H, W).
+        downsample_axes: one bool per spatial axis, whether the levels halve it; ``None`` means all axes
+            (e.g. ``(False, True, True)`` keeps the time axis of a video at full length).
     """
 
     in_channels: int = 3
-    out_channels: int | None = None
     base_channels: int = 64
     channel_mults: tuple[int, ...] = (1, 2, 2)
     num_res_blocks: int | tuple[int, ...] = 2
@@ -67,25 +58,22 @@ class UNetConfig:
     head_channels: int = 32
     dropout: float = 0.0
     norm_groups: int = 32
-    num_classes: int | None = None
-    context_dim: int | None = None
-    pooled_context_dim: int | None = None
     mid_attention: bool = True
-    gradient_checkpointing: bool = False
+    dims: int = 2
+    downsample_axes: tuple[bool, ...] | None = None
 
     def __post_init__(self) -> None:
         self.channel_mults = tuple(int(m) for m in self.channel_mults)
         self.attention_levels = tuple(int(i) for i in self.attention_levels)
         if not isinstance(self.num_res_blocks, int):
             self.num_res_blocks = tuple(int(n) for n in self.num_res_blocks)
+        if self.downsample_axes is not None:
+            self.downsample_axes = tuple(bool(a) for a in self.downsample_axes)
         self._validate()
 
     def _validate(self) -> None:
         for name in ("in_channels", "base_channels", "head_channels", "norm_groups"):
             _require_positive(name, getattr(self, name))
-        for name in ("out_channels", "num_classes", "context_dim", "pooled_context_dim"):
-            if getattr(self, name) is not None:
-                _require_positive(name, getattr(self, name))
         if not self.channel_mults or min(self.channel_mults) < 1:
             raise UserError(
                 f"channel_mults={self.channel_mults} is invalid; "
@@ -106,6 +94,11 @@ class UNetConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"dropout={self.dropout} is invalid; use a rate in [0, 1)")
+        if self.dims not in (1, 2, 3) or isinstance(self.dims, bool):
+            raise UserError(f"dims={self.dims!r} is invalid; use 1 (sequences), 2 (images) or 3 (videos, volumes)")
+        if self.downsample_axes is not None and len(self.downsample_axes) != self.dims:
+            raise UserError(f"downsample_axes={self.downsample_axes} needs one bool per spatial axis ({self.dims}), "
+                            "e.g. (False, True, True) for (T, H, W)")
 
     def res_blocks_per_level(self) -> tuple[int, ...]:
         """``num_res_blocks`` expanded to one count per level."""
@@ -113,18 +106,57 @@ class UNetConfig:
             return (self.num_res_blocks,) * len(self.channel_mults)
         return tuple(self.num_res_blocks)
 
+    def resolved_downsample_axes(self) -> tuple[bool, ...]:
+        """``downsample_axes``, or all ``True`` when it is ``None``."""
+        return (True,) * self.dims if self.downsample_axes is None else self.downsample_axes
+
+
+@dataclass
+class UNetConfig(EncoderConfig):
+    """Shape of a :class:`~difflab.nets.unet.UNet`: the :class:`EncoderConfig` fields, and
+
+    Attributes:
+        out_channels: channels of the output; ``None`` means ``in_channels`` (use ``2 * in_channels``
+            for a learned variance, Nichol & Dhariwal 2021).
+        num_res_blocks: (as in the encoder) the decoder has one more per level to consume the
+            downsampling skip.
+        num_classes: if set, a class embedding (with one extra learned "null" label, index
+            ``num_classes``) is added to the time embedding.
+        context_dim: if set, every attention level (and the middle) gets cross-attention to
+            ``context`` tokens of this width after its self-attention.
+        pooled_context_dim: if set, a pooled text vector of this width is projected and added to
+            the time embedding.
+        gradient_checkpointing: recompute block activations in backward to save memory.
+        concat_channels: channels of a ``concat`` condition joined to x before ``conv_in`` (SR3, Saharia
+            et al. 2021); ``in_channels`` stays the channels of x. 0: none.
+        concat_resize: how a smaller ``concat`` is upsampled to x's size: bilinear (linear per axis), nearest or bicubic.
+        aug_embedding: embed the concat condition's augmentation level ``aug_level`` like the timestep and add
+            it to the time embedding (noise-conditioning augmentation, Ho et al. 2021).
+    """
+
+    out_channels: int | None = None
+    num_classes: int | None = None
+    context_dim: int | None = None
+    pooled_context_dim: int | None = None
+    gradient_checkpointing: bool = False
+    concat_channels: int = 0
+    concat_resize: str = "bilinear"
+    aug_embedding: bool = False
+
+    def _validate(self) -> None:
+        super()._validate()
+        if isinstance(self.concat_channels, bool) or not isinstance(self.concat_channels, int) or self.concat_channels < 0:
+            raise UserError(f"concat_channels={self.concat_channels!r} is invalid; use an int >= 0 (0: no concat condition)")
+        if self.concat_resize not in ("bilinear", "nearest", "bicubic"):
+            raise UserError(f"concat_resize={self.concat_resize!r} is invalid; use bilinear, nearest or bicubic")
+        for name in ("out_channels", "num_classes", "context_dim", "pooled_context_dim"):
+            if getattr(self, name) is not None:
+                _require_positive(name, getattr(self, name))
+
     @property
     def resolved_out_channels(self) -> int:
         """``out_channels``, or ``in_channels`` when it is ``None``."""
         return self.in_channels if self.out_channels is None else self.out_channels
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly dict (tuples become lists); :meth:`from_dict` inverts it."""
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else value
-        return out
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> UNetConfig:
@@ -132,19 +164,6 @@ class UNetConfig:
         if name not in PRESETS:
             raise UserError(f"unknown UNet preset {name!r}; choose one of: {', '.join(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> UNetConfig:
-        """Build a config from :meth:`to_dict` output; an unknown key raises ``UserError``."""
-        valid = [f.name for f in dataclasses.fields(cls)]
-        for key in d:
-            if key not in valid:
-                raise UserError(f"unknown UNetConfig key {key!r}; valid keys are: {', '.join(valid)}")
-        kwargs = dict(d)
-        for key in (*_TUPLE_FIELDS, "num_res_blocks"):
-            if isinstance(kwargs.get(key), list):
-                kwargs[key] = tuple(kwargs[key])
-        return cls(**kwargs)
 
 
 def _require_positive(name: str, value: Any) -> None:

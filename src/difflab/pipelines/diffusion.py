@@ -13,26 +13,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torch import Tensor
 
-from difflab.conditioner import Conditioner
-from difflab.data.images import tensor_to_pil
+from difflab.conditioning import Conditioner
 from difflab.denoiser import Denoiser
 from difflab.guidance import CFGDenoiser, ClassifierGuidedDenoiser
 from difflab.errors import UserError
 from difflab.nets.unet import UNet
-from difflab.nets.unet_config import UNetConfig
+from difflab.modalities import get_modality
 from difflab.noise import NoiseSource
-from difflab.pipelines.model_dir import load_weights, read_model_dir, save_model_dir
-from difflab.samplers import get_sampler, sample
+from difflab.pipelines.diffusion_io import load_diffusion_pipeline, pipeline_settings, save_diffusion_pipeline
+from difflab.samplers import get_sampler, sample, sampler_names
+from difflab.samplers.registry import sampler_options
 from difflab.schedules import NoiseSchedule
 
 
 @dataclass
 class PipelineOutput:
-    images: list[Image.Image]
-    samples: Tensor  # (B, C, H, W) in [-1, 1]
+    images: list[Any]  # the modality's media, one per sample: PIL images for images (diffusers' name)
+    samples: Tensor  # (B, *sample_shape); images in [-1, 1]
     nfe: int
     latents: Tensor | None = None  # the final diffusion state of a latent model (before decoding)
 
@@ -45,7 +44,21 @@ def decode_latents(vae: Any, latents: Tensor) -> Tensor:
     return vae.decode(latents / vae.scaling_factor)
 
 
-PER_IMAGE_ARGUMENTS = ("class_labels", "prompt", "negative_prompt")
+def eta_option(sampler: Any, eta: float | None) -> dict[str, float]:
+    """``{"eta": eta}`` for a sampler with an ``eta`` option; ``{}`` when eta is None, or 0 for a
+    sampler without one (diffusers' ``eta=0.0`` with a deterministic scheduler); else a UserError."""
+    fn = get_sampler(sampler)
+    if eta is None or ("eta" not in sampler_options(fn) and eta == 0):
+        return {}
+    if "eta" not in sampler_options(fn):
+        takers = [n for n in sampler_names() if "eta" in sampler_options(n)]
+        name = getattr(fn, "sampler_name", getattr(fn, "__name__", "sampler"))
+        raise UserError(f"eta={eta} needs a stochastic sampler, and {name!r} has no eta option; "
+                        f"use one of {', '.join(takers)}, or leave eta at 0")
+    return {"eta": eta}
+
+
+PER_IMAGE_ARGUMENTS = ("class_labels", "prompt", "negative_prompt", "concat")
 
 
 class DiffusionPipeline:
@@ -55,7 +68,9 @@ class DiffusionPipeline:
     ``learn_variance``: the UNet also outputs its variance (Nichol & Dhariwal 2021), which the ddpm sampler
     uses; None infers it from the UNet (out_channels = 2 in_channels). ``vae``: a latent diffusion model's
     autoencoder (:class:`~difflab.nets.autoencoder.AutoencoderKL`); the UNet then works on its scaled latents
-    (``resolution`` is the latent size) and samples are decoded to images.
+    (``resolution`` is the latent size) and samples are decoded to images. ``sample_shape`` ``(C, *spatial)``
+    (e.g. ``(3, 32, 48)``) gives non-square samples; ``resolution=r`` means ``(C, r, r)``. ``modality``: the name
+    of the data's modality (``"image"``), stored in the folder.
     """
 
     def __init__(
@@ -64,24 +79,29 @@ class DiffusionPipeline:
         schedule: NoiseSchedule,
         parameterization: str = "eps",
         *,
-        resolution: int,
+        resolution: int | None = None,
+        sample_shape: Sequence[int] | None = None,
+        modality: Any = "image",
         sampler: str = "ddim",
         conditioner: Conditioner | None = None,
         extra_config: dict[str, Any] | None = None,
         learn_variance: bool | None = None,
         vae: Any = None,
     ) -> None:
-        doubled = unet.config.resolved_out_channels == 2 * unet.config.in_channels
+        in_channels = getattr(unet.config, "in_channels", None)
+        out_channels = getattr(unet.config, "resolved_out_channels", getattr(unet.config, "out_channels", in_channels))
+        doubled = in_channels is not None and out_channels == 2 * in_channels
         if learn_variance is None:
             learn_variance = doubled
         if learn_variance and not doubled:
-            raise UserError(f"learn_variance needs a UNet with out_channels = 2 x in_channels = {2 * unet.config.in_channels}, "
-                            f"got {unet.config.resolved_out_channels}; set learn_variance false or rebuild the model")
+            raise UserError(f"learn_variance needs a network with out_channels = 2 x in_channels, got {out_channels} and "
+                            f"{in_channels}; set learn_variance false or rebuild the model")
         self.learn_variance = bool(learn_variance)
         self.unet = unet.eval()
         self.schedule = schedule
         self.parameterization = parameterization
-        self.resolution = resolution
+        self.sample_shape, self.resolution = resolve_sample_shape(unet.config, resolution, sample_shape)
+        self.modality = str(getattr(modality, "name", modality))  # a registered modality's name (difflab.modalities)
         self.sampler = sampler
         self.conditioner = conditioner or Conditioner("none")
         self.extra_config = dict(extra_config or {})
@@ -92,45 +112,17 @@ class DiffusionPipeline:
 
     # ----- persistence ----------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
-        return {
-            "model": self.unet.config.to_dict(),
-            "schedule": self.schedule.to_config(),
-            "parameterization": self.parameterization,
-            "learn_variance": self.learn_variance,
-            "resolution": self.resolution,
-            "sampler": self.sampler,
-            "conditioning": self.conditioner.to_config(),
-            **self.extra_config,
-        }
+        """The pipeline settings written into ``model_index.json`` (schedule, sample_shape, sampler, ...)."""
+        return pipeline_settings(self)
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Write ``config.json`` and ``model.safetensors`` into ``path`` (and the autoencoder into ``path/vae``)."""
-        save_model_dir(Path(path), self.config(), self.unet)
-        if self.vae is not None:
-            self.vae.save_pretrained(Path(path) / VAE_FOLDER)
+        """Write a pipeline folder: ``model_index.json``, ``unet/`` and, for a latent model, ``vae/``."""
+        save_diffusion_pipeline(self, Path(path))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "DiffusionPipeline":
-        config, weights = read_model_dir(Path(path))
-        if config.get("model_type", "diffusion") != "diffusion":
-            raise UserError(f"{path} holds a {config['model_type']!r} model, not a diffusion model"
-                            + ("; pass it with --classifier / classifier=" if config["model_type"] == "noisy_classifier" else ""))
-        try:
-            unet = UNet(UNetConfig.from_dict(config["model"]))
-            schedule = NoiseSchedule.from_config(config["schedule"])
-            known = {"model", "schedule", "parameterization", "resolution", "sampler", "format", "conditioning", "learn_variance"}
-            extra = {k: v for k, v in config.items() if k not in known}
-            pipe = cls(unet, schedule, config.get("parameterization", "eps"), resolution=int(config["resolution"]),
-                       sampler=config.get("sampler", "ddim"), conditioner=Conditioner.from_config(config.get("conditioning")),
-                       extra_config=extra, learn_variance=config.get("learn_variance"))
-        except KeyError as err:
-            raise UserError(f"{Path(path) / 'config.json'} lacks the key {err}; re-export the model from its training run") from None
-        load_weights(unet, weights, Path(path))
-        if (Path(path) / VAE_FOLDER / "config.json").is_file():
-            from difflab.nets.autoencoder import AutoencoderKL
-
-            pipe.vae = AutoencoderKL.from_pretrained(Path(path) / VAE_FOLDER).eval()
-        return pipe.to(device)
+        """Load a folder written by :meth:`save_pretrained` (or a difflab v1 model folder, with a deprecation warning)."""
+        return load_diffusion_pipeline(cls, Path(path)).to(device)
 
     def to(self, device: str | torch.device) -> "DiffusionPipeline":
         self.unet.to(device)
@@ -145,12 +137,13 @@ class DiffusionPipeline:
     def denoiser(self, batch: int = 1, class_labels: Any = None, prompt: Any = None, negative_prompt: Any = None,
                  guidance_scale: float = 1.0, guidance_rescale: float = 0.0,
                  guidance_interval: tuple[float, float] | None = None, classifier: Any = None,
-                 classifier_scale: float = 1.0, sampler: str | None = None) -> Denoiser:
+                 classifier_scale: float = 1.0, sampler: str | None = None, *, concat: Any = None,
+                 aug_level: float = 0.0, noise: Any = None) -> Denoiser:
         """The model as a denoiser, guided as :func:`guided_denoiser` says."""
         denoiser = Denoiser(self.unet, self.schedule, self.parameterization, learn_variance=self.learn_variance)
         return guided_denoiser(denoiser, self.conditioner, self.device, batch, class_labels, prompt, negative_prompt,
                                guidance_scale, guidance_rescale, guidance_interval, classifier, classifier_scale,
-                               sampler or self.sampler)
+                               sampler or self.sampler, concat=concat, aug_level=aug_level, noise=noise)
 
     # ----- sampling -------------------------------------------------------------------------
     @torch.no_grad()
@@ -172,6 +165,8 @@ class DiffusionPipeline:
         guidance_interval: tuple[float, float] | None = None,
         classifier: Any = None,
         classifier_scale: float = 1.0,
+        concat: Any = None,
+        aug_level: float = 0.0,
         **sampler_options: Any,
     ) -> PipelineOutput:
         """Sample ``num_images`` images; image i uses seed ``seed + i`` (or ``generator[i]``).
@@ -180,7 +175,9 @@ class DiffusionPipeline:
         condition a conditional model; ``guidance_scale`` w > 1 applies classifier-free guidance,
         ``guidance_rescale`` (phi, Lin et al. 2023) and ``guidance_interval`` ((lo, hi) in index time)
         refine it. ``classifier`` (a :class:`~difflab.nets.classifier.NoisyClassifier` or its folder) with
-        ``classifier_scale`` s adds classifier guidance towards ``class_labels``. ``eta`` is passed to samplers that take it (DDIM). Other keyword options go to the sampler.
+        ``classifier_scale`` s adds classifier guidance towards ``class_labels``. ``concat`` (``{"low_res": tensor}``
+        or a tensor (1 or B, C, h, w)) conditions a model with a concat condition (SR3, cascades), noise-augmented
+        at the fixed level ``aug_level`` in [0, 1] (Ho et al. 2021; 0: clean). ``eta`` is passed to samplers that take it (DDIM). Other keyword options go to the sampler.
         """
         if num_images < 1:
             raise UserError(f"num_images must be >= 1, got {num_images}")
@@ -188,27 +185,26 @@ class DiffusionPipeline:
             raise UserError(f"num_inference_steps={num_inference_steps} is out of range: the model was trained with "
                             f"T={self.schedule.T} steps; use 1 to {self.schedule.T}")
         name = sampler or self.sampler
-        get_sampler(name)  # unknown names fail here, listing the valid ones
-        if eta is not None:
-            sampler_options["eta"] = eta
+        sampler_options.update(eta_option(name, eta))  # unknown names fail here, listing the valid ones
         if seed is not None:
             generator = [torch.Generator().manual_seed(seed + i) for i in range(num_images)]
         noise = NoiseSource.from_any(generator, num_images)
-        shape = (self.unet.config.in_channels, self.resolution, self.resolution)
-        x_T = noise.randn(shape, device=self.device)
         if isinstance(classifier, (str, Path)):
             from difflab.nets.classifier import NoisyClassifier
 
             classifier = NoisyClassifier.from_pretrained(classifier)
         denoiser = self.denoiser(num_images, class_labels, prompt, negative_prompt, guidance_scale, guidance_rescale,
-                                 guidance_interval, classifier, classifier_scale, name)
+                                 guidance_interval, classifier, classifier_scale, name, concat=concat,
+                                 aug_level=aug_level, noise=noise)
+        x_T = denoiser.space.noise(self.sample_shape, noise, device=self.device)
         result = sample(denoiser, x_T, sampler=name, steps=num_inference_steps, generator=noise,
                         progress=progress, **sampler_options)
         latents, final = None, result.samples
         if self.vae is not None:
             latents, final = final.float().cpu(), decode_latents(self.vae, final)
-        samples = final.clamp(-1, 1).float().cpu()
-        return PipelineOutput(images=tensor_to_pil(samples), samples=samples, nfe=result.nfe, latents=latents)
+        modality = get_modality(self.modality)
+        samples = modality.finalize(final).float().cpu()
+        return PipelineOutput(images=modality.to_media(samples), samples=samples, nfe=result.nfe, latents=latents)
 
     def in_batches(self, num_images: int, batch_size: int, *, seed: int = 0, **kwargs: Any) -> PipelineOutput:
         """``num_images`` images, ``batch_size`` per forward pass; image i uses seed ``seed + i`` whatever the batch size.
@@ -223,20 +219,48 @@ class DiffusionPipeline:
                               samples=torch.cat([part.samples for part in parts]), nfe=parts[0].nfe, latents=latents)
 
 
+def resolve_sample_shape(config: Any, resolution: int | None, sample_shape: Sequence[int] | None
+                         ) -> tuple[tuple[int, ...], int | None]:
+    """``(sample_shape, resolution)`` from either argument: ``sample_shape`` is ``(C, *spatial)`` with C the
+    UNet's input channels; ``resolution`` the side of a square (cubic) sample, ``None`` when the sides differ."""
+    if not hasattr(config, "dims"):  # not a UNet: the network's own layout, as the data gave it
+        if sample_shape is None:
+            raise UserError(f"a {type(config).__name__} network needs sample_shape= (the shape of one sample)")
+        shape = tuple(int(s) for s in sample_shape)
+        return shape, (shape[1] if len(shape) == 3 and shape[1] == shape[2] else None)
+    dims = config.dims
+    if sample_shape is None:
+        if resolution is None:
+            raise UserError("DiffusionPipeline needs resolution= (the sample side) or sample_shape= (C, H, W)")
+        sample_shape = (config.in_channels, *(int(resolution),) * dims)
+    shape = tuple(int(s) for s in sample_shape)
+    if len(shape) != 1 + dims or shape[0] != config.in_channels or min(shape) < 1:
+        raise UserError(f"sample_shape={shape} does not fit the UNet: give (channels={config.in_channels}, "
+                        f"then {dims} positive sizes)")
+    if resolution is not None and any(side != resolution for side in shape[1:]):
+        raise UserError(f"resolution={resolution} contradicts sample_shape={shape}; pass only one of them")
+    return shape, (shape[1] if len(set(shape[1:])) == 1 else None)
+
+
 def guided_denoiser(denoiser: Denoiser, conditioner: Conditioner, device: torch.device, batch: int = 1,
                     class_labels: Any = None, prompt: Any = None, negative_prompt: Any = None,
                     guidance_scale: float = 1.0, guidance_rescale: float = 0.0,
                     guidance_interval: tuple[float, float] | None = None, classifier: Any = None,
-                    classifier_scale: float = 1.0, sampler: Any = "ddim") -> Denoiser:
+                    classifier_scale: float = 1.0, sampler: Any = "ddim", *, concat: Any = None,
+                    aug_level: float = 0.0, noise: Any = None) -> Denoiser:
     """``denoiser`` classifier-free guided (Ho & Salimans 2022) for a conditional model, then classifier
     guided (Dhariwal & Nichol 2021) when a noise-aware ``classifier`` is given, in the mean-shift form
     (Alg. 1) for the ancestral ``sampler`` and in the eps form (Alg. 2) for all others.
 
-    ``conditioner`` turns labels / prompts into the conditional and unconditional network arguments.
+    ``conditioner`` turns labels / prompts (and a ``concat`` condition at ``aug_level``, augmented with
+    ``noise``) into the conditional and unconditional network arguments.
     """
     own_labels = class_labels if conditioner.kind == "class" or classifier is None else None
-    cond, uncond = conditioner.sampling_kwargs(batch, own_labels, prompt, negative_prompt)
-    if cond:
+    cond, uncond = conditioner.sampling_kwargs(batch, own_labels, prompt, negative_prompt, concat=concat,
+                                               aug_level=aug_level, noise=noise)
+    if conditioner.kind == "none" and cond:  # a concat condition alone: in both branches, nothing to guide
+        denoiser.cond = {**denoiser.cond, **{k: v.to(device) for k, v in cond.items()}}
+    if conditioner.kind != "none":
         denoiser = CFGDenoiser(denoiser, {k: v.to(device) for k, v in cond.items()},
                                {k: v.to(device) for k, v in uncond.items()}, guidance_scale,
                                rescale=guidance_rescale, interval=guidance_interval, num_classes=conditioner.num_classes)
@@ -267,7 +291,10 @@ def run_in_batches(call: Any, num_images: int, batch_size: int, seed: int, kwarg
 
 
 def _rows(value: Any, first: int, n: int, total: int) -> Any:
-    """Rows ``first .. first + n`` of a per-image sequence; anything else (one value for all) as it is."""
+    """Rows ``first .. first + n`` of a per-image sequence (or of each entry of a dict such as ``concat``);
+    anything else (one value for all) as it is."""
+    if isinstance(value, dict):
+        return {k: _rows(v, first, n, total) for k, v in value.items()}
     if not isinstance(value, str) and isinstance(value, (list, tuple, torch.Tensor)) and len(value) == total:
         return value[first:first + n]
     return value

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from difflab.conditioner import Conditioner
+from difflab.conditioning import Conditioner
 from difflab.data.images import tensor_to_pil
 from difflab.denoiser import Denoiser
 from difflab.errors import UserError
@@ -32,8 +32,14 @@ from difflab.interop.diffusers_sd import DiffusersUNet
 from difflab.nets.text_base import TextEncoder, check_prompts
 from difflab.nets.text_cache import CachedTextEncoder
 from difflab.noise import NoiseSource
-from difflab.pipelines.diffusion import DiffusionPipeline, decode_latents, guided_denoiser, run_in_batches
-from difflab.pipelines.text2image_io import Components, check_dtype, load_components, save_components
+from difflab.pipelines.diffusion import DiffusionPipeline, decode_latents, eta_option, guided_denoiser, run_in_batches
+from difflab.pipelines.text2image_io import (
+    Components,
+    check_dtype,
+    is_diffusion_pipeline_folder,
+    load_components,
+    save_components,
+)
 from difflab.samplers import get_sampler, sample
 from difflab.samplers.registry import SamplerFn
 
@@ -85,14 +91,14 @@ class Text2ImagePipeline:
     def from_pretrained(cls, path: str | Path, torch_dtype: torch.dtype | str | None = None,
                         device: str | torch.device = "cpu") -> Text2ImagePipeline:
         """Load a difflab or diffusers (Stable Diffusion) folder with ``model_index.json``, or a text-conditional
-        model folder written by ``difflab train`` (``config.json``, with ``vae/`` for a latent model).
+        :class:`DiffusionPipeline` folder written by ``difflab train`` (v2, or a v1 ``config.json`` folder).
 
         ``torch_dtype`` (float32 by default; float16, bfloat16) is the networks' precision: diffusers and
         transformers weights are loaded in it, difflab networks keep float32 weights and run under autocast;
         the sampler's state stays float32. float16 on the CPU raises a UserError (no fallback; use bfloat16).
         """
         dtype = check_dtype(torch_dtype, device)
-        if not (Path(path) / "model_index.json").is_file() and (Path(path) / "config.json").is_file():
+        if is_diffusion_pipeline_folder(Path(path)):
             return cls.from_diffusion_pipeline(DiffusionPipeline.from_pretrained(path), dtype=dtype).to(device)
         c = load_components(Path(path), dtype)
         return cls(c.unet, c.text_encoder, c.scheduler, c.vae, resolution=c.resolution, dtype=dtype).to(device)
@@ -200,7 +206,7 @@ class Text2ImagePipeline:
         sampler function. ``generator``: one torch.Generator for the batch (diffusers' convention: the same
         seed gives diffusers' initial latents) or one per image. ``latents``: the initial noise
         ``(B, C, height / f, width / f)`` exactly as diffusers takes it (VP: standard normal). ``eta`` goes
-        to samplers that take it (None: the sampler's default, 0 for ddim). The grid follows the scheduler
+        to samplers that take it (None: the sampler's default, 0 for ddim); 0 is ignored by the others. The grid follows the scheduler
         config (diffusers' spacing and final step) unless ``grid`` names a difflab grid. Other keyword
         options go to the sampler.
         """
@@ -208,8 +214,7 @@ class Text2ImagePipeline:
             raise UserError(f"output_type {output_type!r} is not supported; use one of {', '.join(OUTPUT_TYPES)}")
         prompts, negatives = _per_image_prompts(prompt, negative_prompt, num_images_per_prompt)
         fn = get_sampler(sampler)
-        if eta is not None:
-            sampler_options["eta"] = eta
+        sampler_options.update(eta_option(fn, eta))
         noise = NoiseSource.from_any(generator, len(prompts))
         x_T = self._initial_latents(latents, noise, self.latent_shape(height, width), len(prompts))
         timesteps = None if grid is not None else self.scheduler.timesteps(num_inference_steps, fn)

@@ -3,16 +3,20 @@
 The layout is diffusers' (Stable Diffusion's), so a folder of diffusers components that difflab writes
 is still a diffusers folder::
 
-    model_index.json   {"_class_name": ..., "unet": [library, class], "vae": ..., "text_encoder": ...,
-                        "tokenizer": ..., "scheduler": ..., "_difflab": {"format", "text_encoder", "resolution"}}
-    unet/              config.json + weights (diffusers: diffusion_pytorch_model.safetensors; difflab: model.safetensors)
+    model_index.json   {"_class_name": ..., "_difflab_format": 2, "unet": [library, class], "vae": ...,
+                        "text_encoder": ..., "tokenizer": ..., "scheduler": ..., "text_encoding": {...},
+                        "resolution": ...}
+    unet/              diffusers: config.json + diffusion_pytorch_model.safetensors; difflab: a component
+                       folder (docs/model_folders.md), the same format as a DiffusionPipeline's
     vae/               the same; absent for a pixel-space model ("vae": [null, null])
     text_encoder/      transformers config.json + model.safetensors
     tokenizer/         tokenizer files
     scheduler/         scheduler_config.json (diffusers) or config.json (difflab :class:`SchedulerSpec`)
 
-``_difflab.text_encoder`` says how prompts are encoded (``{"kind": "clip_padded"}``, Stable Diffusion's way,
-when absent); ``_difflab.resolution`` is the default latent (or pixel) size of a difflab model.
+The index follows the conventions of :mod:`difflab.io.pipeline_folder` (components as ``[library, class]``,
+settings at the top level, written last and atomically). ``text_encoding`` says how prompts are encoded
+(``{"kind": "clip_padded"}``, Stable Diffusion's way, when absent); ``resolution`` is the default latent (or
+pixel) size of a difflab model. Folders of the first text-to-image format (settings under ``_difflab``) still load.
 """
 
 from __future__ import annotations
@@ -29,10 +33,13 @@ from difflab.errors import UserError
 from difflab.interop import diffusers_sd  # imports diffusers only when a diffusers component is loaded
 from difflab.interop.diffusers_config import SchedulerSpec
 from difflab.nets.text_base import TextEncoder
-from difflab.pipelines.model_dir import CONFIG_NAME, ensure_writable_dir, load_weights, read_model_dir, save_model_dir
+from difflab.io.files import atomic_write, ensure_writable_dir
+from difflab.io.model_folder import CONFIG_NAME, FORMAT_VERSION, load_model, save_model
+from difflab.io.pipeline_folder import INDEX_NAME, write_index
+from difflab.io.pipeline_folder import read_index as read_pipeline_index
 
-INDEX_NAME = "model_index.json"
-FORMAT = "difflab.text2image/1"
+FORMAT_V1 = "difflab.text2image/1"  # settings under "_difflab" (read only)
+DIFFUSION_PIPELINE = "DiffusionPipeline"
 PIPELINE_CLASSES = ("StableDiffusionPipeline", "Text2ImagePipeline")
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SD_TEXT_ENCODER = {"kind": "clip_padded"}
@@ -76,15 +83,31 @@ def read_index(path: Path) -> dict[str, Any]:
     """``model_index.json`` of ``path``, with one-line errors for a missing folder, file or pipeline class."""
     if not path.is_dir():
         raise UserError(f"model folder {path} does not exist; pass a folder with model_index.json")
-    file = path / INDEX_NAME
-    if not file.is_file():
+    if not (path / INDEX_NAME).is_file():
         raise UserError(f"{path} has no {INDEX_NAME}; a text-to-image folder (difflab or diffusers format) needs one")
-    index = json.loads(file.read_text())
+    index = read_pipeline_index(path)
     name = index.get("_class_name")
     if name not in PIPELINE_CLASSES:
-        raise UserError(f"{file} names the pipeline class {name!r}, which difflab does not load; "
+        raise UserError(f"{path / INDEX_NAME} names the pipeline class {name!r}, which difflab does not load; "
                         f"supported: {', '.join(PIPELINE_CLASSES)}")
     return index
+
+
+def is_diffusion_pipeline_folder(path: Path) -> bool:
+    """Whether ``path`` holds a DiffusionPipeline (v2 index, or a v1 flat ``config.json``), not a text-to-image folder."""
+    if (path / INDEX_NAME).is_file():
+        return read_pipeline_index(path).get("_class_name") == DIFFUSION_PIPELINE
+    return (path / CONFIG_NAME).is_file()
+
+
+def settings_of(index: dict[str, Any]) -> dict[str, Any]:
+    """``text_encoding`` and ``resolution`` of an index (top level in format 2, under ``_difflab`` before)."""
+    if index.get("_difflab_format") == FORMAT_VERSION:
+        return {"text_encoding": index.get("text_encoding", SD_TEXT_ENCODER), "resolution": index.get("resolution"),
+                "difflab": True}
+    old = index.get("_difflab", {})
+    return {"text_encoding": old.get("text_encoder", SD_TEXT_ENCODER), "resolution": old.get("resolution"),
+            "difflab": old.get("format") == FORMAT_V1}
 
 
 def component(index: dict[str, Any], path: Path, name: str, optional: bool = False) -> tuple[str, str] | None:
@@ -108,9 +131,9 @@ def component(index: dict[str, Any], path: Path, name: str, optional: bool = Fal
 def load_components(path: Path, dtype: torch.dtype) -> Components:
     """Every component of the folder ``path``, networks in ``dtype`` (difflab networks stay float32)."""
     index = read_index(path)
-    extra = index.get("_difflab", {})
+    settings = settings_of(index)
     unet_lib, _ = component(index, path, "unet")
-    vae_entry = component(index, path, "vae", optional=extra.get("format") == FORMAT)
+    vae_entry = component(index, path, "vae", optional=settings["difflab"])
     sched_lib, _ = component(index, path, "scheduler")
     component(index, path, "text_encoder")
     component(index, path, "tokenizer")
@@ -120,24 +143,20 @@ def load_components(path: Path, dtype: torch.dtype) -> Components:
         vae = diffusers_sd.load_vae(path / "vae", dtype) if vae_entry[0] == "diffusers" else _load_vae(path / "vae")
     load_scheduler = diffusers_sd.load_scheduler if sched_lib == "diffusers" else _load_scheduler
     scheduler = load_scheduler(path / "scheduler")
-    encoder = load_text_encoder_dir(path, extra.get("text_encoder", SD_TEXT_ENCODER), index["text_encoder"][1], dtype)
-    return Components(unet, vae, encoder, scheduler, extra.get("resolution"))
+    encoder = load_text_encoder_dir(path, settings["text_encoding"], index["text_encoder"][1], dtype)
+    return Components(unet, vae, encoder, scheduler, settings["resolution"])
 
 
 def _load_unet(path: Path) -> nn.Module:
     from difflab.nets.unet import UNet
-    from difflab.nets.unet_config import UNetConfig
 
-    config, weights = read_model_dir(path)
-    unet = UNet(UNetConfig.from_dict(config["model"]))
-    load_weights(unet, weights, path)
-    return unet.eval()
+    return load_model(path, expected=UNet)
 
 
 def _load_vae(path: Path) -> nn.Module:
     from difflab.nets.autoencoder import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(path)
+    return load_model(path, expected=AutoencoderKL)
 
 
 def _load_scheduler(path: Path) -> SchedulerSpec:
@@ -164,27 +183,30 @@ def load_text_encoder_dir(path: Path, spec: dict[str, Any], model_class: str, dt
 
 
 def save_components(c: Components, path: Path) -> None:
-    """Write ``c`` as a folder (module docstring); diffusers components are written by diffusers."""
+    """Write ``c`` as a folder (module docstring); diffusers components are written by diffusers, difflab
+    networks by :func:`~difflab.io.model_folder.save_model`, and the index last."""
     path = ensure_writable_dir(Path(path))
-    diffusers_unet = hasattr(c.unet, "unet")
-    entries: dict[str, Any] = {"unet": ["diffusers", "UNet2DConditionModel"] if diffusers_unet else ["difflab", "UNet"]}
-    if diffusers_unet:
-        c.unet.save_pretrained(path / "unet")
-    else:
-        save_model_dir(path / "unet", {"model": c.unet.config.to_dict()}, c.unet)
-    entries["vae"] = [None, None]
+    entries: dict[str, Any] = {"unet": _save_network(c.unet, path / "unet", "UNet2DConditionModel"), "vae": [None, None]}
     if c.vae is not None:
-        entries["vae"] = ["diffusers" if hasattr(c.vae, "vae") else "difflab", "AutoencoderKL"]
-        c.vae.save_pretrained(path / "vae")
+        entries["vae"] = _save_network(c.vae, path / "vae", "AutoencoderKL")
     entries.update(_save_text_encoder(c.text_encoder, path))
     entries["scheduler"] = _save_scheduler(c.scheduler, path / "scheduler")
-    all_diffusers = diffusers_unet and entries["vae"][0] == "diffusers" and entries["scheduler"][0] == "diffusers"
+    entries.update({"safety_checker": [None, None], "feature_extractor": [None, None]})
+    all_diffusers = all(entries[k][0] == "diffusers" for k in ("unet", "vae", "scheduler"))
     text = _text_spec(c.text_encoder)
-    extra = {"format": FORMAT, "text_encoder": text, **({"resolution": c.resolution} if c.resolution else {})}
-    index = {"_class_name": "StableDiffusionPipeline" if all_diffusers and text == SD_TEXT_ENCODER else "Text2ImagePipeline",
-             **entries, "safety_checker": [None, None], "feature_extractor": [None, None],
-             "requires_safety_checker": False, "_difflab": extra}
-    (path / INDEX_NAME).write_text(json.dumps(index, indent=2))
+    name = "StableDiffusionPipeline" if all_diffusers and text == SD_TEXT_ENCODER else "Text2ImagePipeline"
+    settings = {"requires_safety_checker": False, "text_encoding": text,
+                **({"resolution": c.resolution} if c.resolution else {})}
+    write_index(path, name, entries, settings)
+
+
+def _save_network(model: nn.Module, path: Path, diffusers_class: str) -> list[str]:
+    """Write a UNet or VAE: a diffusers wrapper (it has ``.unet`` / ``.vae``) by diffusers, a difflab network by save_model."""
+    if hasattr(model, "unet") or hasattr(model, "vae"):
+        model.save_pretrained(path)
+        return ["diffusers", diffusers_class]
+    save_model(path, model)
+    return ["difflab", type(model).__name__]
 
 
 def _text_spec(encoder: TextEncoder) -> dict[str, Any]:
@@ -206,6 +228,6 @@ def _save_scheduler(spec: SchedulerSpec, path: Path) -> list[str]:
     if spec.diffusers_config is not None:
         diffusers_sd.save_scheduler(spec, path)
         return ["diffusers", spec.diffusers_config.get("_class_name", "DDIMScheduler")]
-    path.mkdir(parents=True, exist_ok=True)
-    (path / CONFIG_NAME).write_text(json.dumps(spec.to_config(), indent=2))
+    text = json.dumps(spec.to_config(), indent=2)
+    atomic_write(ensure_writable_dir(path) / CONFIG_NAME, lambda p: p.write_text(text))
     return ["difflab", "SchedulerSpec"]

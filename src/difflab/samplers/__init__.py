@@ -15,7 +15,7 @@ from difflab.samplers import (  # noqa: F401  (registration)
     sde,
     unipc,
 )
-from difflab.samplers.api import DEFAULT_GRIDS, SampleResult, expected_nfe, sample
+from difflab.samplers.api import DEFAULT_GRIDS, SampleResult, expected_nfe, initial_noise, sample
 from difflab.samplers.grids import GRID_KINDS, check_grid, make_grid
 from difflab.samplers.registry import (
     get_sampler,
@@ -32,6 +32,7 @@ __all__ = [
     "check_grid",
     "expected_nfe",
     "get_sampler",
+    "initial_noise",
     "make_grid",
     "optimize_grid",
     "reference_solve",

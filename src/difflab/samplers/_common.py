@@ -1,4 +1,5 @@
-"""Shared pieces of the samplers: the schedule at a grid point, and the first-order step every solver shares.
+"""Shared pieces of the samplers: the schedule at a grid point, the first-order step every solver shares,
+and the per-step callback hook (:func:`after_step`).
 
 The probability-flow ODE of the VP SDE (Song et al. 2021b, eq. 13) becomes, in the variables
 ``x~ = x / alpha`` and ``s = sigma / alpha = exp(-lambda)``, the plain ODE ``dx~/ds = eps(x, t)``
@@ -8,11 +9,12 @@ The probability-flow ODE of the VP SDE (Song et al. 2021b, eq. 13) becomes, in t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import NamedTuple
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 from torch import Tensor
 
+from difflab.denoiser import DenoiserOutput
 from difflab.errors import UserError
 from difflab.schedules import NoiseSchedule
 
@@ -67,3 +69,50 @@ def check_eta(eta: float) -> None:
     """Raise a UserError unless 0 <= eta <= 1."""
     if not (isinstance(eta, (int, float)) and 0.0 <= float(eta) <= 1.0):
         raise UserError(f"eta must lie in [0, 1], got {eta!r}; use 0 for a deterministic sampler, 1 for full noise")
+
+
+StepCallback = Callable[[int, Tensor, Tensor], "Tensor | None"]
+"""``fn(step, x, denoised) -> Tensor | None``: called after each sampler step (see :func:`after_step`)."""
+
+
+def after_step(denoiser: Any, i: int, x: Tensor, denoised: Tensor) -> Tensor:
+    """End of sampler step ``i``: hand the new state ``x`` and the step's x0 estimate to the callback.
+
+    The callback is the ``callback`` attribute of the denoiser the sampler was given (set by
+    :func:`difflab.samplers.sample`); a plain :class:`~difflab.denoiser.Denoiser` has none and ``x`` is
+    returned unchanged. A tensor returned by the callback replaces ``x`` (replacement inpainting, RePaint).
+    """
+    callback = getattr(denoiser, "callback", None)
+    if callback is None:
+        return x
+    new = callback(i, x, denoised)
+    if new is None:
+        return x
+    if not isinstance(new, Tensor) or new.shape != x.shape:
+        shape = tuple(new.shape) if isinstance(new, Tensor) else type(new).__name__
+        raise UserError(f"the sampling callback returned {shape} at step {i}; return None or a tensor of x's shape {tuple(x.shape)}")
+    return new
+
+
+class Recording:
+    """A denoiser that keeps its first and last outputs (:attr:`first`, :attr:`last`), for step functions
+    that return only x."""
+
+    def __init__(self, denoiser: Any) -> None:
+        self.denoiser = denoiser
+        self.first: DenoiserOutput | None = None
+        self.last: DenoiserOutput | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["denoiser"], name)
+
+    def __call__(self, x: Tensor, t: Any) -> DenoiserOutput:
+        self.last = self.denoiser(x, t)
+        self.first = self.first or self.last
+        return self.last
+
+    @property
+    def denoised(self) -> Tensor:
+        """The x0 estimate of the last evaluation."""
+        assert self.last is not None, "no evaluation recorded yet"
+        return self.last.x0

@@ -25,6 +25,7 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -32,11 +33,14 @@ from torch import Tensor
 from difflab.denoiser import Denoiser
 from difflab.errors import UserError
 from difflab.noise import NoiseSource
+from difflab.samplers._common import Recording, after_step
 from difflab.samplers.grids import check_grid
 from difflab.samplers.registry import register_sampler
 from difflab.schedules import broadcast_to
 
 VectorField = Callable[[Tensor, Tensor], Tensor]
+AcceptHook = Callable[[Tensor, Tensor], "Tensor | None"]
+"""``hook(y, accepted)`` after a solver iteration in which some samples (``accepted``, (B,) bool) moved."""
 
 # Dormand & Prince (1980): nodes c, stage matrix a, 5th-order weights b (= last row of a, FSAL),
 # and e = b - b_hat, the difference to the embedded 4th-order weights.
@@ -118,6 +122,7 @@ def dopri5(
     h_init: float | None = None,
     safety: float = 0.9,
     max_steps: int = 10_000,
+    on_accept: AcceptHook | None = None,
 ) -> ODESolution:
     """Integrate dy/ds = f(y, s) from s0 to s1 (either direction) with Dormand–Prince 5(4).
 
@@ -125,6 +130,8 @@ def dopri5(
     accepted when its error norm ``rms(err / (atol + rtol max(|y|, |y_new|))) < 1``; the next step
     is ``h * clamp(safety * norm^(-1/5), 0.2, 10)``, not above ``h`` on a rejection or on the step
     accepted right after one. For a single sample this is the controller of scipy's ``RK45``.
+    ``on_accept(y, accepted)`` runs after every iteration that accepted a step of some sample; a tensor it
+    returns replaces y, and f is then evaluated again at the new y (one more call of f).
     """
     check_tolerances(rtol, atol)
     if not 0 < safety <= 1:
@@ -162,6 +169,11 @@ def dopri5(
         retry = ~ok & ~done
         accepted, rejected = accepted + ok.long(), rejected + retry.long()
         done = done | last
+        replaced = on_accept(y, ok) if on_accept is not None and bool(ok.any()) else None
+        if replaced is not None:
+            y = replaced
+            if not bool(done.all()):
+                k1, nfev = f(y, s), nfev + 1
         if bool(done.all()):
             return ODESolution(y, nfev, accepted, rejected)
     raise UserError(f"the ODE solve did not finish in max_steps={max_steps}; loosen rtol/atol or raise max_steps")
@@ -191,7 +203,7 @@ def pf_ode_field(denoiser: Denoiser) -> VectorField:
 
 
 def solve_pf_ode(
-    denoiser: Denoiser, x: Tensor, t_from: float, t_to: float, *, rtol: float = 1e-5, atol: float = 1e-5, **options: float
+    denoiser: Denoiser, x: Tensor, t_from: float, t_to: float, *, rtol: float = 1e-5, atol: float = 1e-5, **options: Any
 ) -> ODESolution:
     """Carry x at time ``t_from`` to ``t_to`` (index units, both > -1) along the PF ODE with :func:`dopri5`."""
     lam_from, lam_to = denoiser.schedule.lambda_(t_from), denoiser.schedule.lambda_(t_to)
@@ -220,10 +232,38 @@ def rk45(
     picks its own steps, so the grid only supplies the start. NFE, as counted by the denoiser:
     1 (f at the start) + 1 (initial step size) + 6 per attempted step (FSAL) + 1 (final denoise),
     with attempts = max over the batch of accepted + rejected steps. ``noise`` is not used.
+    The callback runs after every solver iteration that accepted a step (with the x0 estimate at each
+    sample's current state) and after the final denoise; a replacement costs one more NFE.
     """
     ts = check_grid(timesteps, denoiser.schedule)
     t_start = float(ts[0])
     if not -1.0 < t_end < t_start:
         raise UserError(f"t_end must lie in (-1, {t_start:g}) (the grid's start), got {t_end!r}; the default is 0")
-    sol = solve_pf_ode(denoiser, x, t_start, t_end, rtol=rtol, atol=atol, h_init=h_init, max_steps=max_steps)
-    return denoiser(sol.y, t_end).x0
+    recorded, hook = _accept_callback(denoiser)
+    sol = solve_pf_ode(recorded, x, t_start, t_end, rtol=rtol, atol=atol, h_init=h_init, max_steps=max_steps, on_accept=hook)
+    x0 = denoiser(sol.y, t_end).x0
+    return after_step(denoiser, hook.steps if hook else 0, x0, x0)
+
+
+class _StepHook:
+    """rk45's :data:`AcceptHook`: numbers the accepted iterations and calls the sampling callback."""
+
+    def __init__(self, denoiser: Any, recorded: Recording) -> None:
+        self.denoiser, self.recorded, self.steps = denoiser, recorded, 0
+        self.x0: Tensor | None = None
+
+    def __call__(self, y: Tensor, ok: Tensor) -> Tensor | None:
+        # the last evaluation of a Dormand-Prince step is at the new state (FSAL): x0 there for accepted samples
+        prev = self.x0 if self.x0 is not None else self.recorded.first.x0
+        self.x0 = torch.where(broadcast_to(ok, y).bool(), self.recorded.denoised, prev)
+        new = after_step(self.denoiser, self.steps, y, self.x0)
+        self.steps += 1
+        return None if new is y else new
+
+
+def _accept_callback(denoiser: Any) -> tuple[Any, _StepHook | None]:
+    """The denoiser rk45 integrates with and its hook (None without a sampling callback)."""
+    if getattr(denoiser, "callback", None) is None:
+        return denoiser, None
+    recorded = Recording(denoiser)
+    return recorded, _StepHook(denoiser, recorded)

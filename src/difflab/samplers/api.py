@@ -12,9 +12,11 @@ from tqdm.auto import tqdm
 from difflab.denoiser import Denoiser, DenoiserOutput, as_denoiser
 from difflab.errors import UserError
 from difflab.noise import NoiseSource
+from difflab.samplers._common import StepCallback
 from difflab.samplers.grids import check_grid, make_grid
 from difflab.samplers.registry import SamplerFn, get_sampler, sampler_options
 from difflab.schedules import NoiseSchedule
+from difflab.space import ProjectedNoise, Space
 
 # Default grid per sampler (see docs/samplers.md for the measurements behind the choice).
 DEFAULT_GRIDS: dict[str, str] = {
@@ -37,14 +39,16 @@ class SampleResult(NamedTuple):
 
 
 class _Tracked:
-    """The denoiser as a sampler sees it: binds ``cond`` and ticks a progress bar on each evaluation.
+    """The denoiser as a sampler sees it: binds ``cond``, holds the step ``callback`` and ticks a progress
+    bar on each evaluation.
 
     The bar is opened at the first evaluation, so a sampler that rejects its options before doing any
     work prints only its error.
     """
 
-    def __init__(self, denoiser: Denoiser, cond: dict[str, Any], name: str, total: int | None, progress: bool) -> None:
-        self.denoiser, self.cond = denoiser, cond
+    def __init__(self, denoiser: Denoiser, cond: dict[str, Any], name: str, total: int | None, progress: bool,
+                 callback: StepCallback | None = None) -> None:
+        self.denoiser, self.cond, self.callback = denoiser, cond, callback
         self.bar_args = {"total": total, "disable": not progress, "desc": name, "unit": "nfe"}
         self.bar: Any = None
 
@@ -55,6 +59,10 @@ class _Tracked:
     @property
     def schedule(self) -> NoiseSchedule:
         return self.denoiser.schedule
+
+    @property
+    def space(self) -> Space:
+        return self.denoiser.space
 
     @property
     def form(self) -> str:
@@ -102,7 +110,7 @@ def sample(
     noise: Tensor,
     sampler: "str | SamplerFn" = "dpmpp_2m",
     steps: int = 10,
-    schedule: NoiseSchedule | None = None,
+    schedule: "NoiseSchedule | str | dict[str, Any] | None" = None,
     generator: "torch.Generator | Sequence[torch.Generator] | NoiseSource | None" = None,
     *,
     parameterization: str = "eps",
@@ -110,17 +118,27 @@ def sample(
     timesteps: "Tensor | Sequence[float] | None" = None,
     progress: bool = False,
     cond: dict[str, Any] | None = None,
+    callback: StepCallback | None = None,
     **options: Any,
 ) -> SampleResult:
     """Integrate from ``noise`` (the state at the grid's first time, standard normal for a VP model) to data.
 
     ``model_fn`` is a :class:`Denoiser` (then ``schedule`` and ``parameterization`` are taken from it)
-    or a callable ``model_fn(x, t) -> eps | x0 | v`` with t in index units. ``generator``: None, one
+    or a callable ``model_fn(x, t) -> eps | x0 | v`` with t in index units; ``schedule`` may then be a
+    :class:`NoiseSchedule`, a kind name (``"linear"``: T = 1000) or a config dict. ``generator``: None, one
     torch.Generator (shared by the batch), one per sample, or a :class:`NoiseSource`; only stochastic
     samplers draw from it, so sample i depends only on generator i when one per sample is given.
     ``grid`` picks a named grid (:func:`make_grid`; default per sampler in ``DEFAULT_GRIDS``, else
     "logsnr"); ``timesteps`` gives an explicit decreasing grid ending at -1 and overrides ``steps``.
-    ``options`` are the sampler's keyword options (e.g. ``eta`` for "ddim").
+    ``options`` are the sampler's keyword options (e.g. ``eta`` for "ddim"). The stochastic samplers'
+    noise is projected by the denoiser's :class:`~difflab.space.Space` (row i still from generator i).
+
+    ``callback(step, x, denoised) -> Tensor | None`` runs once per sampler step, after the step, with
+    the new state and the x0 estimate the step used (steps 0 .. N-1; rk45: once per accepted solver
+    iteration, then the final denoise). A returned tensor replaces x: this is how replacement-based
+    inpainting and RePaint plug in. Multistep solvers (dpmpp_*, unipc) keep their history of model
+    outputs, which a replacement does not rewrite; UniPC calls it with the predicted state and adds its
+    correction to the returned one.
 
     >>> import torch, difflab
     >>> sched = difflab.schedules.NoiseSchedule.linear(1000)
@@ -143,12 +161,28 @@ def sample(
         grid_t = check_grid(torch.as_tensor(timesteps), denoiser.schedule)
     else:
         grid_t = make_grid(denoiser.schedule, steps, grid or DEFAULT_GRIDS.get(name, FALLBACK_GRID))
-    source = NoiseSource.from_any(generator, noise.shape[0])
+    source = ProjectedNoise(NoiseSource.from_any(generator, noise.shape[0]), denoiser.space)
     start = denoiser.nfe
     total = expected_nfe(name, len(grid_t) - 1, **options)
-    tracked = _Tracked(denoiser, dict(cond or {}), name, total, progress)
+    tracked = _Tracked(denoiser, dict(cond or {}), name, total, progress, callback)
     try:
         x = fn(tracked, noise, grid_t, source, **options)
     finally:
         tracked.close()
     return SampleResult(x, denoiser.nfe - start)
+
+
+def initial_noise(
+    denoiser: Denoiser,
+    shape: Sequence[int],
+    generator: "torch.Generator | Sequence[torch.Generator] | NoiseSource | None",
+    batch: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """x_T of shape (batch, *shape) drawn in the denoiser's space: ``denoiser.space.noise(shape, source)``.
+
+    ``generator`` as in :func:`sample`; with one generator per sample, row i depends only on generator i.
+    """
+    return denoiser.space.noise(shape, NoiseSource.from_any(generator, batch), dtype=dtype, device=device)

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from difflab.denoiser import Denoiser
 from difflab.noise import NoiseSource
-from difflab.samplers._common import check_eta, steps
+from difflab.samplers._common import after_step, check_eta, steps
 from difflab.samplers.registry import register_sampler
 
 
@@ -21,10 +21,11 @@ from difflab.samplers.registry import register_sampler
 def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, noise: NoiseSource, *, eta: float = 0.0) -> Tensor:
     """DDIM sampling with noise level ``eta`` in [0, 1] (Song et al. 2021a, eq. 12 and 16)."""
     check_eta(eta)
-    for _, cur, nxt in steps(denoiser.schedule, timesteps):
+    for i, cur, nxt in steps(denoiser.schedule, timesteps):
         out = denoiser(x, cur.t)
         c = eta * nxt.sigma / cur.sigma * math.sqrt(max(1.0 - (cur.alpha / nxt.alpha) ** 2, 0.0))
         x = nxt.alpha * out.x0 + math.sqrt(max(nxt.sigma**2 - c**2, 0.0)) * out.eps
         if c > 0.0:
             x = x + c * noise.like(x)
+        x = after_step(denoiser, i, x, out.x0)
     return x

@@ -21,7 +21,7 @@ from difflab.denoiser import Denoiser
 from difflab.errors import UserError
 from difflab.noise import NoiseSource
 from difflab.process import interpolate_log_variance, posterior
-from difflab.samplers._common import steps
+from difflab.samplers._common import after_step, steps
 from difflab.samplers.registry import register_sampler
 
 
@@ -38,11 +38,11 @@ def ddpm(
     if variance not in ("small", "large"):
         raise UserError(f"unknown variance {variance!r}; use 'small' (beta-tilde) or 'large' (beta)")
     shift = getattr(denoiser, "ancestral_shift", None) if getattr(denoiser, "form", "eps") == "mean" else None
-    for _, cur, nxt in steps(denoiser.schedule, timesteps):
+    for i, cur, nxt in steps(denoiser.schedule, timesteps):
         out = denoiser(x, cur.t)
         post = posterior(x, out.x0, nxt.alpha, nxt.sigma, cur.alpha, cur.sigma)
         if nxt.clean:
-            x = post.mean
+            x = after_step(denoiser, i, post.mean, out.x0)
             continue
         beta = 1.0 - (cur.alpha / nxt.alpha) ** 2
         if out.var_interp is not None:  # learned: log var interpolated on this step (Nichol & Dhariwal 2021, sec. 4)
@@ -52,5 +52,5 @@ def ddpm(
             var = post.var if variance == "small" else beta
             std = math.sqrt(var)
         mean = post.mean if shift is None else shift(x, cur.t, post.mean, var)  # classifier guidance, Alg. 1
-        x = mean + std * noise.like(x)
+        x = after_step(denoiser, i, mean + std * noise.like(x), out.x0)
     return x

@@ -18,7 +18,7 @@ from torch import Tensor
 from difflab.denoiser import Denoiser
 from difflab.errors import UserError
 from difflab.noise import NoiseSource
-from difflab.samplers._common import Point, euler_step, point_at_lambda, steps
+from difflab.samplers._common import Point, after_step, euler_step, point_at_lambda, steps
 from difflab.samplers.registry import register_sampler
 
 SINGLESTEP_ORDERS = (1, 2, 3)
@@ -54,14 +54,15 @@ def singlestep(denoiser: Denoiser, x: Tensor, timesteps: Tensor, order: int) -> 
     """Run DPM-Solver-``order`` over the grid (order 1, 2 or 3)."""
     if order not in SINGLESTEP_ORDERS:
         raise UserError(f"DPM-Solver order must be one of {SINGLESTEP_ORDERS}, got {order!r}")
-    for _, cur, nxt in steps(denoiser.schedule, timesteps):
-        eps = denoiser(x, cur.t).eps
+    for i, cur, nxt in steps(denoiser.schedule, timesteps):
+        out = denoiser(x, cur.t)
         if order == 1 or nxt.clean:
-            x = euler_step(x, eps, cur, nxt)
+            x_new = euler_step(x, out.eps, cur, nxt)
         elif order == 2:
-            x = _order2_step(denoiser, x, eps, cur, nxt)
+            x_new = _order2_step(denoiser, x, out.eps, cur, nxt)
         else:
-            x = _order3_step(denoiser, x, eps, cur, nxt)
+            x_new = _order3_step(denoiser, x, out.eps, cur, nxt)
+        x = after_step(denoiser, i, x_new, out.x0)
     return x
 
 

@@ -5,7 +5,8 @@ x_s = (sigma_s / sigma_t) x_t + sigma_s int_{lambda_t}^{lambda_s} e^{lambda} x0(
 (Lu et al. 2022b, eq. 8). Multistep solvers expand x0 in lambda with the x0 predictions of earlier
 grid points, so NFE = number of steps. The first steps use lower orders (no history yet); with
 ``lower_order_final`` and fewer than 15 steps the last steps drop order too (as diffusers); the step
-into the clean end (lambda = +inf) is always first order and returns the x0 prediction.
+into the clean end (lambda = +inf) is always first order and returns the x0 prediction. The history
+holds model outputs, not states: a sampling callback that replaces x (inpainting) leaves it as it is.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import Tensor
 
 from difflab.denoiser import Denoiser
 from difflab.noise import NoiseSource
-from difflab.samplers._common import Point, check_eta, steps
+from difflab.samplers._common import Point, after_step, check_eta, steps
 from difflab.samplers.registry import register_sampler
 
 LOWER_ORDER_FINAL_BELOW = 15  # steps; diffusers' threshold for lower_order_final
@@ -67,7 +68,7 @@ def multistep(denoiser: Denoiser, x: Tensor, timesteps: Tensor, order: int, lowe
     for i, cur, nxt in steps(denoiser.schedule, timesteps):
         hist = [*hist, (cur.lam, denoiser(x, cur.t).x0)][-order:]
         k = _step_order(order, len(hist), i, n, lower_order_final)
-        x = multistep_update(x, hist[-k:], cur, nxt)
+        x = after_step(denoiser, i, multistep_update(x, hist[-k:], cur, nxt), hist[-1][1])
     return x
 
 
@@ -111,7 +112,7 @@ def dpmpp_2m_sde(
     for i, cur, nxt in steps(denoiser.schedule, timesteps):
         x0 = denoiser(x, cur.t).x0
         if nxt.clean:
-            x = x0
+            x = after_step(denoiser, i, x0, x0)
             continue
         h = nxt.lam - cur.lam
         d = x0
@@ -120,5 +121,6 @@ def dpmpp_2m_sde(
         x = (nxt.sigma / cur.sigma) * math.exp(-eta * h) * x - nxt.alpha * math.expm1(-(1.0 + eta) * h) * d
         if eta > 0:
             x = x + nxt.sigma * math.sqrt(-math.expm1(-2.0 * eta * h)) * noise.like(x)
+        x = after_step(denoiser, i, x, x0)
         prev = (cur.lam, x0)
     return x

@@ -12,27 +12,26 @@ from torch import Tensor
 
 from difflab.denoiser import Denoiser
 from difflab.noise import NoiseSource
-from difflab.samplers._common import euler_step, steps
+from difflab.samplers._common import after_step, euler_step, steps
 from difflab.samplers.registry import register_sampler
 
 
 @register_sampler("euler")
 def euler(denoiser: Denoiser, x: Tensor, timesteps: Tensor, noise: NoiseSource) -> Tensor:
     """Euler on dx~/ds = eps: x~_next = x~ + (s_next - s) eps (1st order)."""
-    for _, cur, nxt in steps(denoiser.schedule, timesteps):
-        x = euler_step(x, denoiser(x, cur.t).eps, cur, nxt)
+    for i, cur, nxt in steps(denoiser.schedule, timesteps):
+        out = denoiser(x, cur.t)
+        x = after_step(denoiser, i, euler_step(x, out.eps, cur, nxt), out.x0)
     return x
 
 
 @register_sampler("heun")
 def heun(denoiser: Denoiser, x: Tensor, timesteps: Tensor, noise: NoiseSource) -> Tensor:
     """Heun on dx~/ds = eps (Karras et al. 2022, Alg. 1): trapezoid of eps at both ends of each step."""
-    for _, cur, nxt in steps(denoiser.schedule, timesteps):
-        eps = denoiser(x, cur.t).eps
-        x_euler = euler_step(x, eps, cur, nxt)
-        if nxt.clean:
-            x = x_euler
-            continue
-        eps_next = denoiser(x_euler, nxt.t).eps
-        x = euler_step(x, 0.5 * (eps + eps_next), cur, nxt)
+    for i, cur, nxt in steps(denoiser.schedule, timesteps):
+        out = denoiser(x, cur.t)
+        x_new = euler_step(x, out.eps, cur, nxt)
+        if not nxt.clean:
+            x_new = euler_step(x, 0.5 * (out.eps + denoiser(x_new, nxt.t).eps), cur, nxt)
+        x = after_step(denoiser, i, x_new, out.x0)
     return x

@@ -8,6 +8,17 @@ clean end ``t = -1`` (see :mod:`difflab.schedules`)::
 
 ``timesteps`` is a float64 tensor ``t_0 > t_1 > ... > t_N = -1`` in index units; ``noise`` draws
 per-sample Gaussian noise for stochastic samplers. The function returns the final sample.
+
+Each step ends with :func:`difflab.samplers._common.after_step`, which hands ``(i, x, x0)`` to the
+``callback`` attribute of the denoiser (set by :func:`difflab.samplers.sample`; a plain ``Denoiser``
+has none, so a sampler called directly runs unchanged).
+
+Per-sample times: the denoiser and every schedule lookup accept ``t`` of shape (B,), but every sampler
+here runs one grid for the whole batch. The first-order one-step samplers (``ddim``, ``ddpm``,
+``euler``) are the ones that can take a per-sample start time (e.g. an SDEdit strength per sample) by
+carrying (B,) tensors instead of the floats of :class:`~difflab.samplers._common.Point`; the multistep
+(``dpmpp_*``, ``unipc``), singlestep (``dpm_solver*``, ``heun``), score-SDE and ``rk45`` samplers share
+their step sizes and histories across the batch and do not.
 """
 
 from __future__ import annotations

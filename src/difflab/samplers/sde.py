@@ -7,7 +7,8 @@ with beta(t) = -d log alpha_bar / dt. Each step integrates the rate over the ste
 beta(t) (t - t_next) when beta is constant on the step and stays well defined at the knots where the
 piecewise-constant beta of a discrete schedule jumps. Every sampler ends with the denoise step
 x0 = D(x, t_{N-1}) (Tweedie's estimate at the last noisy time), so no noise is left at t = -1.
-All randomness comes from the :class:`~difflab.noise.NoiseSource`.
+All randomness comes from the :class:`~difflab.noise.NoiseSource`. The callback runs after each of the
+N - 1 SDE steps (with the x0 estimate of the step's last evaluation) and after the final denoise step.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import Tensor
 from difflab.denoiser import Denoiser
 from difflab.errors import UserError
 from difflab.noise import NoiseSource
+from difflab.samplers._common import Recording, after_step
 from difflab.samplers.grids import check_grid
 from difflab.samplers.registry import register_sampler
 from difflab.schedules import CLEAN_T, NoiseSchedule, broadcast_to
@@ -77,9 +79,16 @@ PREDICTORS: dict[str, StepFn] = {"reverse_diffusion": reverse_diffusion_step, "e
 
 def _run_steps(step: StepFn, denoiser: Denoiser, x: Tensor, ts: Tensor, noise: NoiseSource) -> Tensor:
     """Apply ``step`` down the grid to the last noisy time, then denoise to the clean end."""
-    for t, t_next in zip(ts[:-2].tolist(), ts[1:-1].tolist()):
-        x = step(denoiser, x, t, t_next, noise)
-    return denoiser(x, float(ts[-2])).x0
+    recorded = Recording(denoiser)
+    for i, (t, t_next) in enumerate(zip(ts[:-2].tolist(), ts[1:-1].tolist())):
+        x = after_step(denoiser, i, step(recorded, x, t, t_next, noise), recorded.denoised)
+    return _denoise(denoiser, x, ts)
+
+
+def _denoise(denoiser: Denoiser, x: Tensor, ts: Tensor) -> Tensor:
+    """The last step, into the clean end: x0 = D(x, t_{N-1}) (its own callback step N - 1)."""
+    x0 = denoiser(x, float(ts[-2])).x0
+    return after_step(denoiser, len(ts) - 2, x0, x0)
 
 
 @register_sampler("euler_maruyama")
@@ -161,9 +170,9 @@ def pc(
     if snr_norm not in ("expected", "sample", "batch"):
         raise UserError(f"unknown snr_norm {snr_norm!r}; use 'expected' (default), 'sample' (per-sample norms) or 'batch' (batch means)")
     ts = check_grid(timesteps, denoiser.schedule)
-    step = PREDICTORS[predictor]
-    for t, t_next in zip(ts[:-2].tolist(), ts[1:-1].tolist()):
+    step, recorded = PREDICTORS[predictor], Recording(denoiser)
+    for i, (t, t_next) in enumerate(zip(ts[:-2].tolist(), ts[1:-1].tolist())):
         x = langevin_corrector(denoiser, x, t, noise, n_corrector, snr, snr_norm)
-        x = step(denoiser, x, t, t_next, noise)
+        x = after_step(denoiser, i, step(recorded, x, t, t_next, noise), recorded.denoised)
     x = langevin_corrector(denoiser, x, float(ts[-2]), noise, n_corrector, snr, snr_norm)
-    return denoiser(x, float(ts[-2])).x0
+    return _denoise(denoiser, x, ts)

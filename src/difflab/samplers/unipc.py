@@ -31,7 +31,7 @@ from torch import Tensor
 from difflab.denoiser import Denoiser
 from difflab.errors import UserError
 from difflab.noise import NoiseSource
-from difflab.samplers._common import Point, steps
+from difflab.samplers._common import Point, after_step, steps
 from difflab.samplers.dpm_solver_pp import History
 from difflab.samplers.registry import register_sampler
 
@@ -108,6 +108,10 @@ def unipc(
     :func:`clean_end_step` from the corrected state with the eps of the last ``order`` evaluations
     (for one, x_0 = m + (x^c - x^) / alpha: the last correction is kept); without it, it returns the x0
     prediction m at the predicted state x^, as in Zhao et al.'s algorithm (the last correction is lost).
+
+    The callback of step i (:func:`~difflab.samplers._common.after_step`) sees the predicted state x^, so
+    the next model evaluation is made at what it returns; the corrector then adds its correction
+    x^c - x^ (both from the step's start) to that state. Without a replacement this is UniPC unchanged.
     """
     if order not in (1, 2, 3):
         raise UserError(f"UniPC order must be 1, 2 or 3, got {order!r}")
@@ -117,19 +121,23 @@ def unipc(
     hist: History = []
     eps_hist: list[tuple[float, Tensor]] = []  # (s, eps) at the last ``order`` model evaluations
     last: tuple[Tensor, Point, History] | None = None  # state, point and history of the previous predictor
+    predicted: Tensor | None = None  # x^ before the callback, when the callback replaced it
     for i, cur, nxt in steps(denoiser.schedule, timesteps):
         out = denoiser(x, cur.t)
         x0 = out.x0
         eps_hist = [*eps_hist, (cur.s, out.eps)][-order:]
         if corrector and last is not None:
             x_prev, prev, used = last
-            x = unified_update(x_prev, used[-1], [*used[:-1], (cur.lam, x0)], prev, cur, variant)
+            x_c = unified_update(x_prev, used[-1], [*used[:-1], (cur.lam, x0)], prev, cur, variant)
+            x = x_c if predicted is None else x + (x_c - predicted)  # a replaced state gets the correction x^c - x^
         hist = [*hist, (cur.lam, x0)][-order:]
         if nxt.clean:
-            return clean_end_step(x, cur, eps_hist) if corrected_final else x0
+            return after_step(denoiser, i, clean_end_step(x, cur, eps_hist) if corrected_final else x0, x0)
         k = min(order, len(hist), n - i) if lower_order_final else min(order, len(hist))
         last = (x, cur, hist[-k:])
-        x = unified_update(x, hist[-1], hist[-k:-1], cur, nxt, variant)
+        x_pred = unified_update(x, hist[-1], hist[-k:-1], cur, nxt, variant)
+        x = after_step(denoiser, i, x_pred, x0)
+        predicted = None if x is x_pred else x_pred
     return x
 
 

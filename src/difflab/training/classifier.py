@@ -2,8 +2,9 @@
 
 Each step draws a batch (x_0, y), a time t ~ Uniform{0, ..., T-1} and noise, forms
 x_t ~ q(x_t | x_0) (:func:`difflab.process.q_sample`) and minimises the cross-entropy
-``-log p_phi(y | x_t, t)``. Randomness is a pure function of (seed, step), as in the diffusion trainer:
-the batch indices, times and noise of step k come from a generator seeded by (seed, k).
+``-log p_phi(y | x_t, t)`` (:class:`~difflab.training.objectives.noisy_classifier.NoisyClassifierObjective`)
+in one :class:`~difflab.training.Trainer` run. Randomness is a pure function of (seed, step), as in the
+diffusion trainer: the data order (epoch-wise permutations), times and noise of step k.
 
 >>> from difflab.schedules import NoiseSchedule
 >>> res = train_classifier("digits", NoiseSchedule.linear(100), "runs/clf", steps=10, resolution=8,
@@ -13,6 +14,7 @@ the batch indices, times and noise of step k come from a generator seeded by (se
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,16 +22,16 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
-from tqdm.auto import tqdm
 
 from difflab.data import build_dataset
 from difflab.errors import UserError
-from difflab.noise import seeded_generator
 from difflab.nets.classifier import ClassifierConfig, NoisyClassifier
-from difflab.pipelines.model_dir import ensure_writable_dir
+from difflab.noise import seeded_generator
 from difflab.process import q_sample
 from difflab.schedules import NoiseSchedule
+from difflab.training.objectives.noisy_classifier import NoisyClassifierObjective
+from difflab.training.runs import fit, run_accelerator, run_config
+from difflab.training.trainer import Trainer
 
 
 @dataclass
@@ -38,6 +40,7 @@ class ClassifierTrainResult:
     loss: float  # exponential moving average of the training loss
     accuracy: float  # moving average of the training accuracy (over all noise levels)
     out_dir: Path
+    note: str | None = None  # set when nothing was trained (resuming a finished run)
 
 
 def _check_positive(name: str, value: Any, kind: type = int) -> None:
@@ -61,19 +64,6 @@ def _build_model(dataset: Any, model: ClassifierConfig | dict[str, Any] | None, 
         return NoisyClassifier(config)
 
 
-def training_batch(
-    dataset: Any, schedule: NoiseSchedule, seed: int, step: int, batch_size: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(x_0, labels, t, noise) of ``step``: indices drawn with replacement, t uniform, all from (seed, step)."""
-    g = seeded_generator(seed, 3, step)
-    idx = torch.randint(0, len(dataset), (batch_size,), generator=g)
-    items = [dataset[int(i)] for i in idx]
-    x0 = torch.stack([it["image"] for it in items])
-    labels = torch.tensor([int(it["label"]) for it in items])
-    t = torch.randint(0, schedule.T, (batch_size,), generator=g)
-    return x0, labels, t, torch.randn(x0.shape, generator=g)
-
-
 def train_classifier(
     dataset: str | Any,
     schedule: NoiseSchedule | dict[str, Any],
@@ -90,13 +80,17 @@ def train_classifier(
     weight_decay: float = 0.0,
     device: str | torch.device | None = None,
     progress: bool = True,
+    resume: bool = False,
+    checkpoint_every: int = 0,
 ) -> ClassifierTrainResult:
     """Train a :class:`NoisyClassifier` on noised data and save it as a model folder in ``out_dir``.
 
     ``dataset``: a name or folder for :func:`difflab.data.build_dataset` (with ``resolution``,
     ``data_dir``, ``num_images``) or a labelled dataset object. ``model``: ClassifierConfig keys
     (``in_channels`` and ``num_classes`` come from the dataset). The folder's config.json also records
-    the schedule, whose time units the classifier expects.
+    the schedule, whose time units the classifier expects. One :class:`~difflab.training.Trainer` run
+    (AdamW, no warm-up, clipping or EMA): ``checkpoint_every`` steps between checkpoints (0: only at the
+    end); ``resume`` continues the run in ``out_dir`` (a finished one is left as it is, see ``note``).
     """
     for name, value, kind in (("steps", steps, int), ("batch_size", batch_size, int), ("lr", lr, float)):
         _check_positive(name, value, kind)
@@ -104,28 +98,19 @@ def train_classifier(
     ds = dataset
     if isinstance(dataset, str):
         ds = build_dataset(dataset, resolution, data_dir=data_dir, num_images=num_images, seed=seed)
-    out_dir = ensure_writable_dir(Path(out_dir))
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    net = _build_model(ds, model, seed).to(device).train()
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
-    loss_avg = acc_avg = float("nan")
-    with tqdm(total=steps, disable=not progress, desc="train-classifier", unit="step") as bar:
-        for step in range(steps):
-            x0, labels, t, noise = (v.to(device) for v in training_batch(ds, schedule, seed, step, batch_size))
-            logits = net(q_sample(schedule, x0, t.cpu(), noise), t.float())
-            loss = F.cross_entropy(logits, labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            acc = (logits.argmax(1) == labels).float().mean().item()
-            loss_avg = loss.item() if step == 0 else 0.98 * loss_avg + 0.02 * loss.item()
-            acc_avg = acc if step == 0 else 0.98 * acc_avg + 0.02 * acc
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_avg:.3f}", acc=f"{acc_avg:.2f}")
-    extra = {"schedule": schedule.to_config(), "dataset": dataset if isinstance(dataset, str) else type(dataset).__name__,
-             "resolution": getattr(ds, "resolution", None), "steps": steps, "seed": seed}
-    net.eval().save_pretrained(out_dir, extra)
-    return ClassifierTrainResult(steps, loss_avg, acc_avg, out_dir)
+    net = _build_model(ds, model, seed)
+    name = dataset if isinstance(dataset, str) else type(dataset).__name__
+    extra = {"dataset": name, "resolution": getattr(ds, "resolution", None), "steps": steps, "seed": seed}
+    config = run_config(seed=seed, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                        checkpoint_every=checkpoint_every, data={"dataset": name, "num_images": len(ds)},
+                        model=net.config.to_dict(), schedule=schedule.to_config())
+    objective = NoisyClassifierObjective(schedule, extra)
+    trainer, result = fit(lambda: Trainer(net, ds, objective, config, out_dir, progress=progress,
+                                          accelerator=run_accelerator(device)),
+                          out_dir, {"config": config.to_dict(), "objective": objective.name}, resume=resume,
+                          what="a classifier run")
+    m = result.metrics or {}
+    return ClassifierTrainResult(result.step, m.get("loss", math.nan), m.get("accuracy", math.nan), Path(out_dir), result.note)
 
 
 @torch.no_grad()

@@ -19,12 +19,14 @@ from difflab.training.timesteps import TIMESTEP_SAMPLINGS
 
 @dataclass
 class DataConfig:
-    dataset: str = "shapes"  # shapes | digits | mnist | cifar10 | a folder path
-    resolution: int | None = None  # None: the dataset's native resolution
+    dataset: str = "shapes"  # shapes | digits | mnist | cifar10 | a folder path | any registered dataset
+    resolution: Any = None  # a side, or [height, width] for non-square images; None: the dataset's native size
     num_images: int | None = None  # None: the dataset's default size
     data_dir: str | None = None  # for mnist / cifar10
     autoencoder: str | None = None  # a `difflab train-autoencoder` folder: train on its latents (latent diffusion)
     exclude: list | None = None  # shapes only: (shape, colour) pairs held out of training, e.g. [[circle, blue]]
+    low_res_factor: int | None = None  # pair each sample with itself downsampled by this factor (cond "low_res")
+    options: dict = field(default_factory=dict)  # more keyword arguments of the dataset's builder
 
 
 @dataclass
@@ -32,6 +34,8 @@ class ConditioningConfig:
     kind: str = "none"  # none | class | text
     dropout: float = 0.1  # probability of training a sample with the null condition (for classifier-free guidance)
     text_encoder: str = "minilm"  # minilm | clip:/dir | t5:/dir | bert:/dir | a local model directory
+    concat: str | None = None  # a condition of the items (e.g. low_res) joined to the network input
+    concat_noise_aug: float = 0.0  # max noise-conditioning augmentation level of the concat condition (CDM)
 
 
 @dataclass
@@ -50,6 +54,7 @@ class OptimConfig:
     batch_size: int = 32
     lr: float = 2e-4
     weight_decay: float = 0.0
+    betas: list = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2)
     warmup_steps: int = 100
     grad_clip: float = 1.0
     grad_accum_steps: int = 1  # micro-batches per step: same result, 1/N of the activation memory
@@ -79,7 +84,7 @@ class PostHocEMAConfig:
 class TrainConfig:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
-    model: dict[str, Any] = field(default_factory=dict)  # UNetConfig fields; in_channels comes from the data
+    model: dict[str, Any] = field(default_factory=dict)  # the network's config fields (+ _class_name, default UNet); data-given fields are filled in
     schedule: dict[str, Any] = field(default_factory=lambda: {"kind": "linear", "num_timesteps": 1000})
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
@@ -103,6 +108,8 @@ class TrainConfig:
         _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
         _check(o.grad_accum_steps >= 1, "optim.grad_accum_steps", o.grad_accum_steps, "must be >= 1")
         _check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+        _check(len(o.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas), "optim.betas",
+               o.betas, "give two numbers in [0, 1), e.g. [0.9, 0.999]")
         _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
         _check(0 <= o.ema_decay < 1, "optim.ema_decay", o.ema_decay, "must lie in [0, 1)")
         _check(o.mixed_precision in ("auto", "no", "fp16", "bf16"), "optim.mixed_precision", o.mixed_precision,
@@ -131,7 +138,13 @@ class TrainConfig:
             _check(all(isinstance(p, (list, tuple)) and len(p) == 2 for p in self.data.exclude), "data.exclude",
                    self.data.exclude, "give (shape, colour) pairs, e.g. [[circle, blue]]")
         if self.data.resolution is not None:
-            _check(self.data.resolution >= 4, "data.resolution", self.data.resolution, "must be >= 4")
+            sides = self.data.resolution if isinstance(self.data.resolution, (list, tuple)) else [self.data.resolution]
+            _check(len(sides) in (1, 2) and all(isinstance(r, int) and not isinstance(r, bool) and r >= 4 for r in sides),
+                   "data.resolution", self.data.resolution, "give a side >= 4 or [height, width], e.g. 32 or [32, 48]")
+        if self.data.low_res_factor is not None:
+            _check(self.data.low_res_factor >= 2, "data.low_res_factor", self.data.low_res_factor, "must be >= 2 (e.g. 4)")
+        _check(self.conditioning.concat_noise_aug >= 0, "conditioning.concat_noise_aug", self.conditioning.concat_noise_aug,
+               "must be >= 0 (0: no augmentation)")
 
 
     def _validate_loss(self) -> None:
@@ -198,6 +211,9 @@ def load_config(
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            kind = "a list" if isinstance(raw, list) else f"a {type(raw).__name__} ({raw!r:.40})"
+            raise UserError(f"config file {path} must be a mapping of sections (seed, data, model, ...), got {kind}")
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue

@@ -43,15 +43,16 @@ def resolve_mixed_precision(mixed_precision: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def make_accelerator(mixed_precision: str) -> Accelerator:
-    """The Accelerator of this process; several processes without CUDA train on CPU with the gloo backend."""
+def make_accelerator(mixed_precision: str, *, cpu: bool = False) -> Accelerator:
+    """The Accelerator of this process; several processes without CUDA train on CPU with the gloo backend.
+    ``cpu``: train on the CPU even where a GPU is available."""
     mixed_precision = resolve_mixed_precision(mixed_precision)
     check_mixed_precision(mixed_precision)
     multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if not multi_process:  # Accelerate keeps one global state; let one process train several configs in turn
         AcceleratorState._reset_state(reset_partial_state=True)
     try:
-        return Accelerator(mixed_precision=mixed_precision, cpu=multi_process and not torch.cuda.is_available())
+        return Accelerator(mixed_precision=mixed_precision, cpu=cpu or (multi_process and not torch.cuda.is_available()))
     except (ValueError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"Accelerate cannot start on this machine ({first}); check `accelerate config` and --num-processes") from None

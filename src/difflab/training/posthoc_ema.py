@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from difflab.errors import UserError
-from difflab.pipelines.model_dir import atomic_write
+from difflab.io.files import atomic_write
 
 FORMAT = "difflab.posthoc_ema/1"
 SNAPSHOT_DIR = "ema_snapshots"

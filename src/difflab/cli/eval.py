@@ -2,7 +2,7 @@
 
 The metrics themselves live in :mod:`difflab.metrics` (``evaluate``) and :mod:`difflab.likelihood`;
 this module only resolves the command's inputs (model, images, reference, domain classifier), samples
-at each step count, and writes the reports. Register with ``cli.add_command(eval_command)``.
+at each step count, and writes the reports.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class Reference:
 def _dataset_tensor(ds: Any, n: int) -> Tensor:
     if hasattr(ds, "images"):
         return ds.images()[:n]
-    return torch.stack([ds[i]["image"] for i in range(n)])
+    return torch.stack([ds[i]["x"] for i in range(n)])
 
 
 def resolve_reference(reference: str | None, model_config: dict[str, Any] | None, resolution: int | None,
@@ -92,11 +92,11 @@ def resolve_reference(reference: str | None, model_config: dict[str, Any] | None
     origin = "--reference" if reference is not None else "the model's training set"
     if is_folder:  # read the folder itself (each image at its own size), cached per folder by evaluate
         return Reference(name, f"folder {name} ({origin})", None, ds,
-                         [it["caption"] for it in items], [it["label"] for it in items])
+                         [it["cond"]["caption"] for it in items], [it["cond"]["label"] for it in items])
     res = ds.resolution
     return Reference(_dataset_tensor(ds, n), f"{name} {res}x{res}, first {n} images ({origin})",
                      f"{name}-{getattr(ds, 'split', 'all')}-n{n}", ds,
-                     [it["caption"] for it in items], [it["label"] for it in items],
+                     [it["cond"]["caption"] for it in items], [it["cond"]["label"] for it in items],
                      lambda: build_dataset(name, resolution, data_dir=data_dir))
 
 
@@ -117,7 +117,7 @@ def domain_classifier(domain_model: str | None, names: list[str], ref: Reference
 
     n = min(len(ds), DOMAIN_TRAIN_IMAGES)
     pixels = tensor_to_uint8(_dataset_tensor(ds, n))[:, 0].numpy()
-    labels = np.array([ds[i]["label"] for i in range(n)])
+    labels = np.array([ds[i]["cond"]["label"] for i in range(n)])
     heldout = max(1, n // 5)
     model = train_digit_classifier(pixels, labels, heldout=heldout, dataset=f"{ref.description.split()[0]}[0:{n - heldout}]")
     model.save_pretrained(out / "domain_classifier")

@@ -2,7 +2,7 @@
 
 Post-hoc EMA of Karras et al. 2024 (EDM2, sec. 3); the math is in :mod:`difflab.training.posthoc_ema`.
 This module only resolves the paths, swaps the reconstructed weights into the run's exported pipeline and
-writes a sampling-ready model folder. Register with ``cli.add_command(ema_command)``.
+writes a sampling-ready model folder.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def export_posthoc_ema(run_dir: str | Path, sigma_rel: float, step: int | None =
     snapshots, their coefficients and the profile fit error).
     """
     from difflab.pipelines.diffusion import DiffusionPipeline
-    from difflab.pipelines.model_dir import load_weights
+    from difflab.io.model_folder import load_weights
 
     run = Path(run_dir)
     if not run.is_dir():

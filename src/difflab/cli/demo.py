@@ -18,7 +18,8 @@ import torch
 from difflab.data.images import to_pil_grid
 from difflab.data.shapes_spec import parse_caption
 from difflab.pipelines.diffusion import DiffusionPipeline
-from difflab.training import load_config, train
+from difflab.recipes import train
+from difflab.training import load_config
 
 DEMO_CONFIG = "demo.yaml"
 DEMO_PROMPTS = (

@@ -1,7 +1,7 @@
 """``difflab train-autoencoder``: train the KL autoencoder of latent diffusion on a dataset.
 
 The training itself is :func:`difflab.training.autoencoder.train_autoencoder`; this module maps flags
-to its arguments. Register with ``cli.add_command(train_autoencoder_command)``.
+to its arguments.
 """
 
 from __future__ import annotations
@@ -52,5 +52,8 @@ def train_autoencoder_command(dataset: str, resolution: int | None, num_images: 
                                resolution=resolution, data_dir=data_dir, num_images=num_images,
                                checkpoint_every=checkpoint_every, resume=resume, device=device,
                                progress=not no_progress)
+    if result.note:
+        click.echo(result.note)
+        return
     click.echo(f"trained {result.step} steps in {time.perf_counter() - started:.0f} s (L1 {result.l1:.4f}, "
                f"KL {result.kl:.1f}); scaling factor {result.scaling_factor:.4f}; written to {result.out_dir}")

@@ -1,0 +1,135 @@
+"""A diffusion training from a :class:`~difflab.training.config.TrainConfig`: dataset, network, conditions,
+objective and the pipeline the run exports, handed to the one :class:`~difflab.training.Trainer`.
+
+This module sits above ``pipelines/`` and ``training/`` (it joins them); neither imports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from difflab.errors import UserError
+from difflab.training.config import TrainConfig
+
+PREVIEW_GUIDANCE = 3.0  # classifier-free guidance scale of the periodic sample grids
+DEFAULT_NETWORK = "UNet"
+
+
+def build_dataset_from_config(config: TrainConfig, out_dir: Path, accelerator: Any) -> tuple[Any, Any]:
+    """The training dataset (latents of ``data.autoencoder`` if given, low-res pairs if asked) and the
+    autoencoder to decode with (or None)."""
+    from difflab.data import build_dataset
+
+    d = config.data
+    options = dict(d.options)
+    if d.exclude:
+        options["exclude"] = [tuple(pair) for pair in d.exclude]
+    resolution = tuple(d.resolution) if isinstance(d.resolution, list) else d.resolution
+    dataset = build_dataset(d.dataset, resolution, data_dir=d.data_dir, num_images=d.num_images, seed=config.seed, **options)
+    vae = None
+    if d.autoencoder:  # latent diffusion (Rombach et al. 2022): images replaced by scaled latents, encoded once
+        from difflab.data.latents import LatentDataset
+        from difflab.nets.autoencoder import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(d.autoencoder).to(accelerator.device).eval()
+        cache = out_dir / "latents.safetensors" if accelerator.num_processes == 1 else None
+        dataset = LatentDataset(dataset, vae, cache_path=cache)
+    if d.low_res_factor:
+        from difflab.data.pairs import LowResolutionPairs
+
+        dataset = LowResolutionPairs(dataset, d.low_res_factor)
+    return dataset, vae
+
+
+def build_conditioner(config: TrainConfig, dataset: Any) -> Any:
+    from difflab.conditioning import ConcatCondition, Conditioner
+
+    c = config.conditioning
+    concat = None
+    if c.concat:
+        probe = dataset[0]["cond"]
+        if c.concat not in probe:
+            raise UserError(f"conditioning.concat={c.concat!r} but the items' conditions are {sorted(probe)}; "
+                            "name one of them (data.low_res_factor makes 'low_res')")
+        concat = ConcatCondition(key=c.concat, channels=int(probe[c.concat].shape[0]), noise_aug_max=c.concat_noise_aug)
+    return Conditioner(c.kind, num_classes=dataset.num_classes, class_names=dataset.class_names,
+                       text_encoder=c.text_encoder, concat=concat)
+
+
+def build_network(model: dict[str, Any], given: dict[str, Any]) -> nn.Module:
+    """The network named by ``model["_class_name"]`` (default UNet) with its config: ``given`` (what the data,
+    conditions and objective fix, for the fields the config class has) overridden by nothing — a ``model``
+    key that contradicts a given value is a one-line error — plus the other ``model`` keys."""
+    from difflab.io.registry import network_class
+
+    fields = dict(model)
+    cls = network_class(fields.pop("_class_name", DEFAULT_NETWORK))
+    names = {f.name for f in dataclasses.fields(cls.config_class)}
+    auto = {k: v for k, v in given.items() if k in names}
+    for key, value in auto.items():
+        if key in fields and fields[key] != value:
+            raise UserError(f"model.{key}={fields[key]} but the data and conditioning fix it to {value}; remove the key")
+    return cls(cls.config_class.from_dict({**fields, **auto}))
+
+
+def network_fields(config: TrainConfig, dataset: Any, conditioner: Any) -> dict[str, Any]:
+    """Config fields fixed by the data (channels, sample shape), the conditions and a learned variance."""
+    channels = int(getattr(dataset, "channels", dataset.sample_shape[0]))  # a point set's features, not its length
+    given: dict[str, Any] = {"in_channels": channels, "sample_shape": list(dataset.sample_shape)}
+    given.update(conditioner.unet_fields())
+    out = given.get("out_channels", channels)
+    if config.objective.learn_variance:  # prediction and variance interpolation (Nichol & Dhariwal 2021)
+        given["out_channels"] = 2 * out
+    return given
+
+
+def build_diffusion_training(config: TrainConfig, out_dir: str | Path, *, progress: bool = True) -> Any:
+    """A :class:`~difflab.training.Trainer` ready to run ``config`` into ``out_dir``."""
+    from difflab.pipelines.diffusion import DiffusionPipeline
+    from difflab.schedules import NoiseSchedule
+    from difflab.training.distributed import make_accelerator
+    from difflab.training.objectives import DiffusionObjective
+    from difflab.training.trainer import Trainer
+
+    out_dir = Path(out_dir)
+    accelerator = make_accelerator(config.optim.mixed_precision)
+    dataset, vae = build_dataset_from_config(config, out_dir, accelerator)
+    conditioner = build_conditioner(config, dataset)
+    torch.manual_seed(config.seed)
+    model = build_network(config.model, network_fields(config, dataset, conditioner))
+    schedule = NoiseSchedule.from_config(config.schedule)
+    if config.objective.parameterization == "eps" and schedule.alphas_cumprod[-1] < 1e-6:
+        warnings.warn(f"eps-prediction on a schedule whose alpha_bar_T is {schedule.alphas_cumprod[-1]:.1e}: "
+                      "x0 = (x - sigma eps) / alpha multiplies eps errors by up to 1/alpha_T at the first sampling "
+                      "step, which few-step samplers carry into the image; v-prediction avoids it (--parameterization v)")
+    modality = getattr(dataset, "modality", "image")
+
+    def pipeline(network: nn.Module) -> DiffusionPipeline:
+        return DiffusionPipeline(network, schedule, config.objective.parameterization, sample_shape=tuple(dataset.sample_shape),
+                                 modality=modality, sampler=config.log.sampler, conditioner=conditioner,
+                                 extra_config={"dataset": config.data.dataset}, vae=vae)
+
+    objective = DiffusionObjective(schedule, config.objective, conditioner, dropout=config.conditioning.dropout,
+                                   pipeline=pipeline, preview_kwargs=preview_kwargs(config, dataset, conditioner))
+    return Trainer(model, dataset, objective, config, out_dir, progress=progress, accelerator=accelerator)
+
+
+def preview_kwargs(config: TrainConfig, dataset: Any, conditioner: Any) -> dict[str, Any]:
+    """Pipeline arguments of the periodic previews: cycling labels, the first training captions, or the
+    first training items' concat conditions."""
+    log, n = config.log, config.log.num_samples
+    kwargs: dict[str, Any] = {"num_images": n, "num_inference_steps": log.sample_steps}
+    if conditioner.kind == "class":
+        kwargs.update(class_labels=[i % conditioner.num_classes for i in range(n)], guidance_scale=PREVIEW_GUIDANCE)
+    if conditioner.kind == "text":
+        kwargs.update(prompt=[dataset[i % len(dataset)]["cond"]["caption"] for i in range(n)], guidance_scale=PREVIEW_GUIDANCE)
+    if config.conditioning.concat:
+        key = config.conditioning.concat
+        kwargs["concat"] = {key: torch.stack([dataset[i % len(dataset)]["cond"][key] for i in range(n)])}
+    return kwargs
