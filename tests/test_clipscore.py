@@ -142,7 +142,12 @@ def test_transformers_adapter_equals_direct_computation(tiny_clip_dir):
         txt = model.get_text_features(input_ids=t["input_ids"], attention_mask=t["attention_mask"])
     img, txt = (o if isinstance(o, torch.Tensor) else o.pooler_output for o in (img, txt))
     expected = (100 * torch.nn.functional.cosine_similarity(img.double(), txt.double()).clamp(min=0)).numpy()
-    np.testing.assert_allclose(result["per_image"], expected, rtol=0, atol=1e-5)
+    # Both sides run the float32 network, but in other batches (2 vs 5) and padded lengths, so GEMM and
+    # softmax reductions round differently. Features are O(1); each of the ~64 rounding stages (2 encoders x
+    # 2 layers x (LN, QKV, softmax, out, 2 MLP GEMMs, residuals) + projection + norm) perturbs cos by <= eps
+    # = 1.19e-7 and they add like a random walk: ~sqrt(64) eps = 8 eps in cos, 100x that in the score
+    # (CLIPScore = 100 cos): 9.5e-5. Seen: 1.2e-5 (about 1 eps in cos), so the bound has an 8x margin.
+    np.testing.assert_allclose(result["per_image"], expected, rtol=0, atol=100 * 8 * np.finfo(np.float32).eps)
     # Other sizes are resized to image_size: the score stays defined and finite.
     big = torch.nn.functional.interpolate(u8.float() / 127.5 - 1, size=24, mode="nearest")
     assert np.isfinite(clip_score(big, prompts, adapter)["per_image"]).all()
@@ -161,7 +166,10 @@ def test_shapes_clip_prefers_matching_captions(shapes_clip):
     matched = clip_score(held_out.images(), captions, shapes_clip)["mean"]
     mismatched = clip_score(held_out.images(), captions[1:] + captions[:1], shapes_clip)["mean"]
     assert matched > mismatched + 10
-    assert shapes_clip.report["retrieval_top1"] > 4 / 32  # chance is 1/32
+    # This 40-step, 256-image configuration reaches top-1 0.843 (seed 0; 0.88 and 0.89 with seeds 1, 2) out of 32
+    # candidates (chance 1/32; the full recipe's 0.998 needs far longer training). 0.75 leaves a margin of ~11
+    # of the ~120 test queries, twice the seed-to-seed spread.
+    assert shapes_clip.report["retrieval_top1"] > 0.75
 
 
 def test_shapes_clip_save_load_round_trip(shapes_clip, tmp_path):

@@ -42,6 +42,20 @@ def test_class_model_samples_each_label_and_guidance_changes_it(class_model):
     assert not torch.equal(a, b) and not torch.equal(a, c.samples) and c.nfe == 3
 
 
+def test_class_guidance_is_the_cfg_formula(class_model):
+    """One DDIM step lands on x0 = (x - sigma eps) / alpha, linear in eps, so with eps_w = eps_u + w (eps_c - eps_u)
+    (Ho & Salimans 2022) the image for w = 4 is x0_u + 4 (x0_c - x0_u), w = 0 giving x0_u and w = 1 x0_c;
+    wherever the final clamp to [-1, 1] has not cut any of them."""
+    pipe = DiffusionPipeline.from_pretrained(class_model)
+    kw = dict(num_images=2, num_inference_steps=1, sampler="ddim", seed=0, class_labels=1, progress=False)
+    x0_u, x0_c, guided = (pipe(guidance_scale=w, **kw).samples for w in (0.0, 1.0, 4.0))
+    want = x0_u + 4 * (x0_c - x0_u)
+    free = (x0_u.abs() < 0.999) & (x0_c.abs() < 0.999) & (want.abs() < 0.999)
+    assert free.float().mean() > 0.3 and (x0_c - x0_u)[free].abs().max() > 1e-2  # the branches really differ
+    # float32 values <= 1: the formula compounds ~1 + 2 w = 9 roundings of eps = 1.19e-7 (1.1e-6; seen 4.8e-7).
+    torch.testing.assert_close(guided[free], want[free], rtol=0, atol=2e-6)
+
+
 def test_class_model_bad_input(class_model):
     pipe = DiffusionPipeline.from_pretrained(class_model)
     with pytest.raises(UserError, match="out of range"):

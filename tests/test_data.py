@@ -119,3 +119,17 @@ def test_factory_uses_env_data_dir(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DIFFLAB_DATA_DIR", str(require_shared_data(*MNIST_FILES)))
     ds = build_dataset("mnist", 32, num_images=5)
     assert isinstance(ds, MNISTDataset) and len(ds) == 5 and ds[0]["x"].shape == (1, 32, 32)
+
+
+@pytest.mark.parametrize("ci, outcome", [("true", pytest.fail.Exception), ("", pytest.skip.Exception)])
+def test_missing_shared_data_skips_locally_and_fails_under_ci(monkeypatch, tmp_path, ci, outcome) -> None:
+    import conftest
+
+    monkeypatch.setattr(conftest, "SHARED_DATA", tmp_path)
+    monkeypatch.setenv("CI", ci)
+    with pytest.raises(outcome, match="shared test data missing: .*t10k-images-idx3-ubyte.gz"):
+        require_shared_data(*MNIST_FILES)
+    (tmp_path / "mnist").mkdir()
+    for name in MNIST_FILES:
+        (tmp_path / name).write_bytes(b"")
+    assert require_shared_data(*MNIST_FILES) == tmp_path

@@ -164,7 +164,22 @@ def test_domain_metrics_train_a_classifier_on_the_reference(tmp_path, one_thread
     report = json.loads((out / "metrics.json").read_text())
     assert "trained here on the reference" in report["run"]["domain_classifier"]
     assert (out / "domain_classifier" / "config.json").is_file()
-    assert math.isfinite(report["metrics"]["domain_fid"]["value"]) and report["metrics"]["domain_is"]["value"] >= 1
+    assert math.isfinite(report["metrics"]["domain_fid"]["value"])
+    assert 1 <= report["metrics"]["domain_is"]["value"] <= 10  # exp(KL) is at most the number of classes
+    # A classifier whose head is zero outputs uniform p(y|x) for every image: IS = exp(KL(p || p)) = 1, up to
+    # float64 rounding of log-softmax over 10 classes (~10 eps = 2e-15); 1e-9 leaves a wide margin.
+    from difflab.metrics.domain import DigitClassifier
+
+    flat = DigitClassifier.from_pretrained(out / "domain_classifier")
+    with torch.no_grad():
+        flat.head.weight.zero_()
+        flat.head.bias.zero_()
+    flat.save_pretrained(tmp_path / "flat")
+    res = _run("--model", str(tmp_path / "model"), "--metrics", "domain_is", "--num-samples", "10", "--steps", "1",
+               "--out", str(tmp_path / "eval_flat"), "--batch-size", "10", "--domain-model", str(tmp_path / "flat"))
+    assert res.exit_code == 0, res.output
+    value = json.loads((tmp_path / "eval_flat" / "metrics.json").read_text())["metrics"]["domain_is"]["value"]
+    assert abs(value - 1.0) < 1e-9
 
 
 def test_clipscore_refuses_unconditional_model(model_dir, tmp_path):

@@ -245,3 +245,23 @@ def test_d_ragged_masked_training_ignores_padding(tmp_path, one_thread):
         # float32 sums of <= 18 squared errors of O(1): agreement to a few ulps (1.2e-7 relative each)
         assert math.isclose(float(losses[i].detach()), float(dense.detach()), rel_tol=1e-5), i
     trainer.run()  # and it trains on the padded, masked batches
+
+
+def test_non_square_images_train_sample_and_write(tmp_path, capsys, one_thread):
+    """32x48-style layouts: a 16x24 digits model trains, exports sample_shape (1, 16, 24) and samples at it."""
+    from PIL import Image
+
+    from difflab import DiffusionPipeline
+
+    model = {"base_channels": 16, "channel_mults": [1, 2], "num_res_blocks": 1, "attention_levels": [1],
+             "head_channels": 16, "norm_groups": 8}
+    train(_config("digits", model, 3, data={"resolution": [16, 24], "num_images": 32}, optim={"batch_size": 8}),
+          tmp_path / "run", progress=False)
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "run")
+    assert pipe.sample_shape == (1, 16, 24) and pipe.resolution is None
+    out = pipe(num_images=2, num_inference_steps=3, seed=0, progress=False)
+    assert out.samples.shape == (2, 1, 16, 24) and out.images[0].size == (24, 16)  # PIL sizes are (width, height)
+    status, _, err = run_cli(["sample", "--model", str(tmp_path / "run"), "--steps", "3", "--num-images", "1",
+                              "--out", str(tmp_path / "one.png")], capsys)
+    assert status == 0, err
+    assert Image.open(tmp_path / "one.png").size == (24 + 4, 16 + 4)  # one image and the grid's 2-pixel frame

@@ -42,9 +42,25 @@ def test_samples_are_the_decoded_latents(latent_run):
     pipe = DiffusionPipeline.from_pretrained(latent_run / "run")
     out = pipe(num_images=2, num_inference_steps=3, seed=0, progress=False, prompt="a small red circle in the center on a black background")
     assert out.latents.shape == (2, 4, 4, 4) and out.samples.shape == (2, 3, 16, 16)
+    scaling = AutoencoderKL.from_pretrained(latent_run / "vae").scaling_factor  # as trained, read from its folder
     with torch.no_grad():
-        expected = decode_latents(pipe.vae, out.latents).clamp(-1, 1)
+        expected = pipe.vae.decode(out.latents / scaling).clamp(-1, 1)  # Rombach et al. 2022, sec. 4.3.2, by hand
+    # Same float32 decoder on the same input; only the division's rounding could differ: default float32 tolerance.
     torch.testing.assert_close(out.samples, expected)
+
+
+def test_decode_latents_undoes_the_latent_scaling():
+    """With a known linear decoder D(z) = 3 z + 1 and scaling s = 0.25: decode_latents(z) = D(z / s) = 12 z + 1."""
+    class Linear:
+        scaling_factor = 0.25
+
+        def decode(self, z: torch.Tensor) -> torch.Tensor:
+            return 3 * z + 1
+
+    z = torch.linspace(-2, 2, 24).reshape(1, 4, 2, 3)
+    # float32: / 0.25 is exact (a power of two); 3 (4 z) + 1 and 12 z + 1 round twice each, |values| <= 25 < 32
+    # where one ulp is 2^-19: at most 4 ulp apart.
+    torch.testing.assert_close(decode_latents(Linear(), z), 12 * z + 1, rtol=0, atol=4 * 2**-19)
 
 
 def test_text2image_pipeline_loads_the_trained_folder(latent_run, tmp_path):

@@ -1,4 +1,4 @@
-"""The shapes oracle that scores prompt adherence: its hit test, and that a brief training reads real shapes."""
+"""The shapes oracle that scores prompt adherence: its hit test, and the accuracy a brief training reaches on held-out shapes."""
 
 import torch
 from torch import nn
@@ -29,6 +29,10 @@ def test_attribute_hits_compares_reading_with_spec():
     assert hits["shape"].tolist() == [True, False, True] and hits["color"].tolist() == [True, True, True]
 
 
-def test_brief_training_reads_colours_and_positions():
-    _, report = train_oracle(16, num_images=1500, steps=80, batch_size=64, width=8, progress=False)
-    assert report.accuracy["color"] > 0.8 and report.accuracy["position"] > 0.6, report.accuracy
+def test_brief_training_reads_shapes_colours_and_positions():
+    """Accuracy on the 2000 held-out rendered shapes (seed disjoint from training). The full recipe reads
+    shapes at ~99.6%; this 320-step, width-8 run at 16 px reaches shape 0.84 (0.83-0.84 over seeds 1234, 1, 2;
+    chance 1/3), colour 0.994, position 1.0. Thresholds sit ~0.09 (180 images) below for shape, ~2% for the rest."""
+    _, report = train_oracle(16, num_images=1500, steps=320, batch_size=64, width=8, progress=False)
+    acc = report.accuracy
+    assert acc["shape"] > 0.75 and acc["color"] > 0.97 and acc["position"] > 0.98, acc

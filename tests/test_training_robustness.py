@@ -114,12 +114,15 @@ def _run_until_killed(config: dict, out: Path, resume: bool, kill_after_step: in
         assert proc.returncode == 0, err.decode()[-2000:]
         return None
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
+    while proc.poll() is None:
         found = ckpt.list_checkpoints(out)
         if found and int(found[-1].name.split("_")[1]) >= kill_after_step:
             break
+        assert time.monotonic() < deadline, f"no checkpoint of step {kill_after_step} within 300 s"
         time.sleep(0.01)
     time.sleep(random.Random(kill_after_step).uniform(0.0, 0.3))  # land anywhere: in a step or in a checkpoint write
+    # The run must still be going, else this test would not test a kill: see the steps left in the caller.
+    assert proc.poll() is None, f"training ended (status {proc.returncode}) before the kill after step {kill_after_step}"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     return proc.returncode
@@ -128,18 +131,18 @@ def _run_until_killed(config: dict, out: Path, resume: bool, kill_after_step: in
 def test_sigkill_at_random_steps_then_resume_is_bitwise_exact(tmp_path):
     """Kill -9 a CPU run three times at random points (checkpoint every step), resume each time: the final
     weights equal an uninterrupted run's bit for bit."""
-    config = {**tiny_config_dict(steps=12), "log": {**tiny_config_dict()["log"], "checkpoint_every": 1, "keep_checkpoints": 2}}
+    # Kills land after step <= 10 + at most 0.3 s; 30 steps leave >= 20 steps with a checkpoint each (>> 0.3 s) to run.
+    config = {**tiny_config_dict(steps=30), "log": {**tiny_config_dict()["log"], "checkpoint_every": 1, "keep_checkpoints": 2}}
     _run_until_killed(config, tmp_path / "straight", resume=False, kill_after_step=None)
     rng = random.Random(0)
     kill_steps = sorted(rng.sample(range(2, 11), 3))
     out = tmp_path / "killed"
     for i, step in enumerate(kill_steps):
-        code = _run_until_killed(config, out, resume=i > 0, kill_after_step=step)
-        assert code in (-signal.SIGKILL, 0)
+        assert _run_until_killed(config, out, resume=i > 0, kill_after_step=step) == -signal.SIGKILL
     _run_until_killed(config, out, resume=True, kill_after_step=None)
     _assert_bitwise_equal(_weights(tmp_path / "straight"), _weights(out))
     assert not list((out / "checkpoints").glob(".tmp-*"))  # a kill mid-write leaves one; the next save removes it
-    assert json.loads((ckpt.find_checkpoint(out) / "state.json").read_text())["step"] == 12
+    assert json.loads((ckpt.find_checkpoint(out) / "state.json").read_text())["step"] == 30
 
 
 def test_resume_is_exact_with_learned_variance_importance_sampling_and_posthoc_ema(tmp_path):
