@@ -39,7 +39,20 @@ def test_class_model_samples_each_label_and_guidance_changes_it(class_model):
     a = pipe(num_images=2, num_inference_steps=3, seed=0, class_labels=0, progress=False).samples
     b = pipe(num_images=2, num_inference_steps=3, seed=0, class_labels="square", progress=False).samples
     c = pipe(num_images=2, num_inference_steps=3, seed=0, class_labels=0, guidance_scale=4.0, progress=False)
-    assert not torch.equal(a, b) and not torch.equal(a, c.samples) and c.nfe == 3
+    # The class name maps to its index: "square" samples exactly as label 1 (same seed, same arithmetic).
+    assert torch.equal(b, pipe(num_images=2, num_inference_steps=3, seed=0, class_labels=1, progress=False).samples)
+    assert c.nfe == 3 and a.shape == c.samples.shape == (2, 3, 16, 16)  # guided: one (doubled) call per step
+    # Guidance at one (x, t) against eps_u + w (eps_c - eps_u), eps_c from an unguided call (w = 1 runs only the
+    # conditional branch) and eps_u from the UNet itself at the null label num_classes = 3.
+    x, t = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)), 40.0
+    with torch.no_grad():
+        eps_c = pipe.denoiser(2, class_labels=0)(x, t).eps
+        eps_u = pipe.unet(x, torch.full((2,), t), class_labels=torch.full((2,), 3))
+        guided = pipe.denoiser(2, class_labels=0, guidance_scale=4.0)(x, t).eps
+    assert (eps_c - eps_u).abs().max() > 1e-3  # the branches differ, so a wrong weight or branch shows
+    # float32, |eps| < 1: batch 4 vs 2 convolutions round differently (~1e-7 relative per op), amplified by
+    # 1 + 2 w = 9 through the formula: seen 2.5e-7, 2e-6 = 8x.
+    torch.testing.assert_close(guided, eps_u + 4.0 * (eps_c - eps_u), rtol=0, atol=2e-6)
 
 
 def test_class_guidance_is_the_cfg_formula(class_model):
@@ -74,11 +87,27 @@ def test_text_model_prompt_negative_prompt(text_model, tmp_path, capsys):
     pipe = DiffusionPipeline.from_pretrained(text_model)
     assert pipe.unet.config.context_dim == 384
     kw = dict(num_images=2, num_inference_steps=3, seed=0, progress=False)
-    a = pipe(prompt="a large red circle in the center on a black background", guidance_scale=3.0, **kw).samples
-    b = pipe(prompt="a small blue triangle in the top left on a white background", guidance_scale=3.0, **kw).samples
-    c = pipe(prompt="a large red circle in the center on a black background", negative_prompt="a square",
-             guidance_scale=3.0, **kw).samples
-    assert not torch.equal(a, b) and not torch.equal(a, c)
+    prompt, negative, w = "a large red circle in the center on a black background", "a square", 3.0
+    # The pipeline's guided denoiser against eps_u + w (eps_c - eps_u) (Ho & Salimans 2022), the branches
+    # evaluated independently: eps_c / eps_neg unguided (w = 1 runs only the conditional branch, a plain batch),
+    # eps_null by calling the UNet itself on the conditioner's unconditional arguments (zero context).
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = 60.0
+    _, uncond = pipe.conditioner.sampling_kwargs(2, None, prompt, None)
+    with torch.no_grad():
+        eps_c = pipe.denoiser(2, prompt=prompt)(x, t).eps
+        eps_neg = pipe.denoiser(2, prompt=negative)(x, t).eps
+        eps_null = pipe.unet(x, torch.full((2,), t), **uncond)
+        guided = pipe.denoiser(2, prompt=prompt, guidance_scale=w)(x, t).eps
+        guided_neg = pipe.denoiser(2, prompt=prompt, negative_prompt=negative, guidance_scale=w)(x, t).eps
+    # The branches differ by ~1e-2 (seen 9.7e-3 and 1.7e-2), so a wrong weight or branch is off by >= 1e-2.
+    assert (eps_c - eps_null).abs().max() > 2e-3 and (eps_c - eps_neg).abs().max() > 2e-3
+    # float32, |eps| < 0.2: batched (B = 4) vs plain (B = 2) convolutions round differently (~1e-7 each over
+    # sums of a few hundred terms) and the formula adds ~1 + 2 w = 7 roundings; seen 2.1e-7, 10x margin.
+    torch.testing.assert_close(guided, eps_null + w * (eps_c - eps_null), rtol=0, atol=2e-6)
+    torch.testing.assert_close(guided_neg, eps_neg + w * (eps_c - eps_neg), rtol=0, atol=2e-6)
+    a = pipe(prompt=prompt, guidance_scale=w, **kw).samples  # end to end: samples of the right shape and range
+    assert a.shape == (2, 3, 16, 16) and bool((a.abs() <= 1).all())
     code, out, _ = run(["sample", "--model", str(text_model), "--prompt", "a red circle", "--guidance-scale", "2",
                         "--steps", "2", "--num-images", "1", "--out", str(tmp_path / "t.png"), "--no-progress"], capsys)
     assert code == 0 and "wrote 1 samples" in out

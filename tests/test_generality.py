@@ -194,7 +194,10 @@ def test_b_1d_unet_trains_and_round_trips(tmp_path, one_thread):
 
     model = {"dims": 1, "base_channels": 16, "channel_mults": [1, 2], "num_res_blocks": 1, "attention_levels": [1],
              "head_channels": 16, "norm_groups": 8}
-    train(_config("toy_waves", model, 4, optim={"batch_size": 8}), tmp_path, progress=False)
+    train(_config("toy_waves", model, 4, optim={"batch_size": 8}, log={"sample_every": 4}), tmp_path, progress=False)
+    from safetensors.torch import load_file
+
+    assert load_file(str(tmp_path / "samples" / "step_0000004.safetensors"))["samples"].shape == (4, 1, 32)
     pipe = DiffusionPipeline.from_pretrained(tmp_path)
     assert pipe.unet.config.dims == 1 and pipe.sample_shape == (1, 32)
     first = pipe(num_images=2, num_inference_steps=4, seed=3, progress=False).samples

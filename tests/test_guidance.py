@@ -66,7 +66,8 @@ def test_cfg_is_the_formula_in_one_batched_call(param: str, w: float) -> None:
     out = cfg(x, t)
     # eps-space guidance; for x0 and v the same weights hold (the maps are affine at fixed t).
     for got, cu, uu in ((out.eps, c.eps, u.eps), (out.x0, c.x0, u.x0), (out.v, c.v, u.v)):
-        torch.testing.assert_close(got, uu + w * (cu - uu), rtol=1e-9, atol=1e-9)
+        # float64, |values| <= ~10 after w = 7: a handful of roundings of 1.1e-16 each; seen 7e-15, 1e-12 = 140x.
+        torch.testing.assert_close(got, uu + w * (cu - uu), rtol=1e-12, atol=1e-12)
     assert cfg.nfe == 1 and len(model.batches) == 1
     if w == 1.0:  # only the conditional branch runs, and it is the conditional model exactly
         assert model.batches == [4] and torch.equal(out.eps, c.eps) and torch.equal(out.x0, c.x0)
@@ -89,7 +90,9 @@ def test_cfg_nfe_under_every_sampler_and_no_change_when_branches_agree() -> None
         assert guided.nfe == plain.nfe == cfg.nfe, name
         if expected_nfe(name, 6) is not None:
             assert guided.nfe == expected_nfe(name, 6), name
-        torch.testing.assert_close(guided.samples, plain.samples, rtol=1e-4, atol=1e-4, msg=name)
+        # cond == uncond: w (eps_c - eps_u) is exactly 0 and each row's float64 mixture eps is computed alone, so the
+        # guided run repeats the plain one bit for bit (seen 0 for every sampler).
+        torch.testing.assert_close(guided.samples, plain.samples, rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.parametrize("space", ["x0", "eps", "v"])
@@ -108,11 +111,13 @@ def test_guidance_rescale_matches_lin_et_al(space: str) -> None:
         cfg = CFGDenoiser(Denoiser(ToyModel(), SCHED), {"class_labels": labels}, None, w, rescale=phi, rescale_space=space)
         got = rep(cfg(x, t))
         expected = phi * plain * std(rep(c)) / std(plain) + (1 - phi) * plain
-        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
-        if phi == 1.0:
-            torch.testing.assert_close(std(got), std(rep(c)), rtol=1e-9, atol=1e-12)
+        # float64 std ratios over 12 entries and the affine x0/eps/v maps: ~10 roundings; seen 5e-15, 1e-12 = 190x.
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        if phi == 1.0:  # float64 std of 12 entries, O(1): seen 2e-16; 1e-12 relative is ample and still tight
+            torch.testing.assert_close(std(got), std(rep(c)), rtol=1e-12, atol=1e-14)
         out = cfg(x, t)  # the pair (x0, eps) stays consistent with x_t = alpha x0 + sigma eps
-        torch.testing.assert_close(out.alpha * out.x0 + out.sigma * out.eps, x, rtol=1e-9, atol=1e-9)
+        # float64 round trip x -> (x0, eps) -> x, |x| ~ 3: seen 1.1e-15; 1e-12 = 900x, far below any real slip.
+        torch.testing.assert_close(out.alpha * out.x0 + out.sigma * out.eps, x, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("unit", ["t", "sigma"])
@@ -127,13 +132,15 @@ def test_guidance_interval(unit: str) -> None:
         c, u = _branches("eps", x, t, labels, torch.full((4,), NUM_CLASSES))
         model.batches.clear()
         got = cfg(x, t).eps
-        torch.testing.assert_close(got, u.eps + w * (c.eps - u.eps) if inside else c.eps, rtol=1e-9, atol=1e-9)
+        # float64, same ops as the hand formula (seen 0): 1e-12 only absorbs reordering, a few ulps of O(1) values.
+        torch.testing.assert_close(got, u.eps + w * (c.eps - u.eps) if inside else c.eps, rtol=1e-12, atol=1e-12)
         assert model.batches == ([8] if inside else [4])
     ts = torch.tensor([150.0, 450.0, 800.0, 300.0])  # per-sample times: row-wise selection
     mixed = cfg(x, ts).eps
     for i, inside in enumerate((False, True, False, True)):
         c, u = _branches("eps", x[i:i + 1], float(ts[i]), labels[i:i + 1], torch.tensor([NUM_CLASSES]))
-        torch.testing.assert_close(mixed[i:i + 1], u.eps + w * (c.eps - u.eps) if inside else c.eps, rtol=1e-9, atol=1e-9)
+        # float64 as above (seen 0); 1e-12 absorbs only summation-order ulps.
+        torch.testing.assert_close(mixed[i:i + 1], u.eps + w * (c.eps - u.eps) if inside else c.eps, rtol=1e-12, atol=1e-12)
 
 
 def test_cfg_context_negative_prompt_of_other_length_is_padded_and_masked() -> None:
@@ -154,7 +161,8 @@ def test_cfg_context_negative_prompt_of_other_length_is_padded_and_masked() -> N
     plain = Denoiser(model, SCHED)
     c = plain(x, t, context=prompt, context_mask=torch.ones(2, 5, dtype=torch.bool))
     u = plain(x, t, context=negative.expand(2, 2, 4), context_mask=torch.ones(2, 2, dtype=torch.bool))
-    torch.testing.assert_close(out.eps, u.eps + w * (c.eps - u.eps), rtol=1e-9, atol=1e-9)
+    # float64 masked means over <= 5 tokens, values O(10) after w = 5: seen 0; 1e-12 covers reordered sums.
+    torch.testing.assert_close(out.eps, u.eps + w * (c.eps - u.eps), rtol=1e-12, atol=1e-12)
 
 
 def test_cfg_with_a_unet_uses_its_null_label_and_checks_labels() -> None:
@@ -169,6 +177,8 @@ def test_cfg_with_a_unet_uses_its_null_label_and_checks_labels() -> None:
         out = CFGDenoiser(Denoiser(net, SCHED), {"class_labels": labels}, None, 3.0)(x, 100.0)
         c = net(x, torch.full((2,), 100.0), class_labels=labels)
         u = net(x, torch.full((2,), 100.0), class_labels=torch.full((2,), 3))
+    # float32 UNet: batch 4 vs 2 convolutions round differently (~1e-7 relative per op over ~20 layers), then
+    # amplified by 1 + 2 w = 7; seen 3.3e-6 abs (0.2 of this bound), so 1e-5 abs / 1e-4 rel keeps a 5x margin.
     torch.testing.assert_close(out.eps, u + 3.0 * (c - u), rtol=1e-4, atol=1e-5)
     with pytest.raises(UserError, match=r"0\.\.2"):
         CFGDenoiser(Denoiser(net, SCHED), {"class_labels": torch.tensor([0, 3])}, None, 3.0)
@@ -229,10 +239,14 @@ def test_classifier_gradient_and_scale_one_are_exact() -> None:
     for t in (0.0, 120.0, 499.5, 999.0):
         a, s = SCHED.alpha(torch.tensor(t)), SCHED.sigma(torch.tensor(t))
         d = _guided(gmm, k, 1.0)
-        torch.testing.assert_close(d.classifier_grad(x, t), parts[k].score(x, a, s) - gmm.score(x, a, s), rtol=1e-7, atol=1e-8)
-        torch.testing.assert_close(d(x, t).eps, -s * parts[k].score(x, a, s), rtol=1e-7, atol=1e-8)
+        # float64 autograd of a logsumexp over 4 components vs the closed-form score difference: seen 1.4e-14 abs
+        # (6e-13 relative on near-zero entries); 1e-10 rel / 1e-12 abs keeps a 70x margin.
+        torch.testing.assert_close(d.classifier_grad(x, t), parts[k].score(x, a, s) - gmm.score(x, a, s), rtol=1e-10, atol=1e-12)
+        # float64, eps_hat = eps - s sigma grad against component k's exact eps: seen 2.7e-15; same bounds.
+        torch.testing.assert_close(d(x, t).eps, -s * parts[k].score(x, a, s), rtol=1e-10, atol=1e-12)
         scaled = _guided(gmm, k, 2.5)(x, t)
-        torch.testing.assert_close(scaled.eps, -s * (gmm.score(x, a, s) + 2.5 * d.classifier_grad(x, t)), rtol=1e-7, atol=1e-8)
+        # float64, Alg. 2 with s = 2.5 by hand: seen 1.8e-15; same bounds.
+        torch.testing.assert_close(scaled.eps, -s * (gmm.score(x, a, s) + 2.5 * d.classifier_grad(x, t)), rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(scaled.alpha * scaled.x0 + scaled.sigma * scaled.eps, x)
 
 
@@ -386,3 +400,65 @@ def test_guidance_keeps_the_conditional_learned_variance():
     torch.testing.assert_close(cfg(x, 10.0).var_interp, expected)
     guided = ClassifierGuidedDenoiser(plain, lambda x, t: x.flatten(1)[:, :3], torch.tensor([0, 1, 2]), scale=2.0)
     torch.testing.assert_close(guided(x, 10.0, class_labels=torch.tensor([0, 1, 0])).var_interp, expected)
+
+
+# ----- guidance against hand-computed truths ---------------------------------------------------------
+def test_cfg_with_a_stub_of_known_branch_outputs():
+    """A stub network answers known tensors A for the class and B for the null label: eps = B + w (A - B) by hand,
+    and x0 = (x_t - sigma eps) / alpha with the schedule's alpha, sigma at t."""
+    g = torch.Generator().manual_seed(11)
+    A, B = torch.randn(3, 2, 5, generator=g, dtype=torch.float64), torch.randn(3, 2, 5, generator=g, dtype=torch.float64)
+
+    def stub(x, t, class_labels):
+        null, k = (class_labels == NUM_CLASSES).reshape(-1, 1, 1), len(x) // 3  # k = 2: the doubled guided batch
+        return torch.where(null, B.repeat(k, 1, 1), A.repeat(k, 1, 1))
+
+    x, t, w = torch.randn(3, 2, 5, generator=g, dtype=torch.float64), 321.0, 4.5
+    out = CFGDenoiser(Denoiser(stub, SCHED), {"class_labels": 2}, {"class_labels": NUM_CLASSES}, w, num_classes=NUM_CLASSES)(x, t)
+    alpha, sigma = SCHED.alpha(torch.tensor(t, dtype=torch.float64)), SCHED.sigma(torch.tensor(t, dtype=torch.float64))
+    want = B + w * (A - B)
+    # float64, O(10) values: 2 roundings in the formula, the affine x0 map ~3 more; 1e-12 is >1000x those.
+    torch.testing.assert_close(out.eps, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.x0, (x - sigma * want) / alpha, rtol=1e-12, atol=1e-12)
+
+
+class TwoGaussianClassifier(torch.nn.Module):
+    """Logits log w_k + log N(x; alpha mu_k, (alpha^2 s_k^2 + sigma^2) I): the exact log p(y = k | x_t) up to a constant."""
+
+    def __init__(self, means, stds, weights, schedule):
+        super().__init__()
+        self.means, self.stds, self.weights, self.schedule = means, stds, weights, schedule
+
+    def forward(self, x, t):
+        t64 = t.detach().to(torch.float64)
+        a, s = self.schedule.alpha(t64).view(-1, 1, 1), self.schedule.sigma(t64).view(-1, 1, 1)
+        var = a**2 * self.stds.view(1, -1, 1) ** 2 + s**2  # (B, K, 1), isotropic per component
+        d = x[:, None, :] - a * self.means[None]
+        return torch.log(self.weights) - 0.5 * ((d**2) / var + torch.log(2 * math.pi * var)).sum(-1)
+
+
+def test_classifier_guidance_matches_the_hand_computed_gradient_of_a_two_gaussian_mixture():
+    """eps_hat = eps - s sigma grad_x log p(y | x_t) (Dhariwal & Nichol 2021, Alg. 2) with everything by hand:
+    v_k = alpha^2 s_k^2 + sigma^2, r_k = p(k | x_t), grad log p(y | x) = -(x - alpha mu_y) / v_y + sum_k r_k (x - alpha mu_k) / v_k,
+    eps = -sigma score = sigma sum_k r_k (x - alpha mu_k) / v_k."""
+    means = torch.tensor([[-1.5, 0.5], [2.0, -1.0]], dtype=torch.float64)
+    stds, weights = torch.tensor([0.4, 0.8], dtype=torch.float64), torch.tensor([0.3, 0.7], dtype=torch.float64)
+    gmm = GaussianMixture(means, stds, weights)
+    classifier = TwoGaussianClassifier(means, stds, weights, SCHED)
+    x = 2.0 * torch.randn(32, 2, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    y, scale = 0, 3.0
+    for t in (5.0, 250.0, 600.0, 990.0):
+        a, s = SCHED.alpha(torch.tensor(t, dtype=torch.float64)), SCHED.sigma(torch.tensor(t, dtype=torch.float64))
+        v = a**2 * stds**2 + s**2  # (K,)
+        d = x[:, None, :] - a * means[None]  # (B, K, D)
+        logp = torch.log(weights) - 0.5 * ((d**2).sum(-1) / v + 2 * torch.log(2 * math.pi * v))
+        r = torch.softmax(logp, dim=1)[..., None]
+        pull = (r * d / v[None, :, None]).sum(1)  # -score
+        grad = -d[:, y] / v[y] + pull
+        eps_hand = s * pull
+        guided = ClassifierGuidedDenoiser(Denoiser(gmm.eps_model(SCHED), SCHED), classifier, y, scale)
+        out = guided(x, t)
+        # float64 throughout (model, classifier, autograd): a few tens of roundings on O(10) values; seen 4.2e-15, >200x below.
+        torch.testing.assert_close(guided.classifier_grad(x, t), grad, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(out.eps, eps_hand - scale * s * grad, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(out.x0, (x - s * out.eps) / a, rtol=1e-10, atol=1e-12)

@@ -54,13 +54,17 @@ def test_sigma_ends_are_beta_tilde_and_beta(schedule):
     small, large = learned_log_variance(schedule, -ones, t).exp(), learned_log_variance(schedule, ones, t).exp()
     expected_small = beta_tilde(schedule)
     expected_small[0] = expected_small[1]
+    # float64 exp(log) round trips of table values: seen 8e-16 relative; 1e-12 = 1200x.
     torch.testing.assert_close(small, expected_small, rtol=1e-12, atol=0)
+    # float64, as above (seen 8.5e-16).
     torch.testing.assert_close(large, schedule.betas, rtol=1e-12, atol=0)
     mid = learned_log_variance(schedule, 0 * ones, t).exp()
+    # float64 interpolation in log space then exp: seen 1.7e-15 relative; 1e-12 = 600x.
     torch.testing.assert_close(mid, (expected_small * schedule.betas).sqrt(), rtol=1e-12, atol=0)
     # beta-tilde is the posterior variance of q(x_{t-1} | x_t, x0) for t >= 1 (independent code path)
     x = torch.zeros(schedule.T - 1, 1, dtype=torch.float64)
     post = discrete_posterior(schedule, x, x, t[1:])
+    # float64, beta-tilde via 1 - alpha-bar products (cancellation near t = 1 costs ~1e-13): seen 7.7e-13; 1e-10 = 130x.
     torch.testing.assert_close(small[1:], post.var.flatten(), rtol=1e-10, atol=0)
 
 
@@ -92,6 +96,7 @@ def test_hybrid_mean_gradient_is_the_simple_gradient(parameterization):
     diffusion_loss(net, x0, SCHED, t, noise, loss="hybrid", learn_variance=True, **common).sum().backward()
     net_s, P_s, _ = _leaf_net(x0, False)
     diffusion_loss(net_s, x0, SCHED, t, noise, **common).sum().backward()
+    # exact: the stop-gradient makes the mean's gradient the same float32 ops in both losses (seen 0).
     torch.testing.assert_close(P.grad, P_s.grad, rtol=0, atol=0)
     assert V.grad is not None and V.grad.abs().sum() > 0
     net_v, P_v, V_v = _leaf_net(x0, True)  # vlb alone: gradients through both
@@ -117,13 +122,16 @@ def test_vlb_of_the_true_posterior_is_zero():
     t = torch.tensor([1, 2, 100, 500, 999])
     x_t = SCHED.alpha(t.double()).view(-1, 1, 1, 1) * x0 + SCHED.sigma(t.double()).view(-1, 1, 1, 1) * torch.randn(x0.shape, generator=g, dtype=torch.float64)
     terms = vlb_loss_term(SCHED, x0, x_t, t, x0, -torch.ones_like(x0), "x0")
+    # float64: KL of identical Gaussians is a sum of O(1) terms cancelling to ~1e-16 (bits); 1e-12 bounds it with margin.
     assert terms.abs().max().item() < 1e-12
     # moving the predicted x0 by d moves the mean by sqrt(ab_{t-1}) beta_t / (1 - ab_t) d (Ho et al. 2020, eq. 7):
     # KL = (that shift)^2 / (2 beta-tilde_t) per dimension
     moved = vlb_loss_term(SCHED, x0, x_t, t, x0 + 0.01, -torch.ones_like(x0), "x0")
     ab, ab_prev = SCHED.alphas_cumprod[t], SCHED.alphas_cumprod[t - 1]
     shift = ab_prev.sqrt() * SCHED.betas[t] / (1 - ab) * 0.01
-    torch.testing.assert_close(moved, shift**2 / (2 * beta_tilde(SCHED)[t]) / math.log(2), rtol=1e-6, atol=0)
+    # float64: the general KL formula cancels O(1) log/variance terms, so its error is absolute (~1e-16 bits;
+    # seen 2.5e-17 at t = 999 where KL = 6e-11, 1.5e-16 at t = 500): rtol 1e-10 + atol 1e-15 is 6x that.
+    torch.testing.assert_close(moved, shift**2 / (2 * beta_tilde(SCHED)[t]) / math.log(2), rtol=1e-10, atol=1e-15)
 
 
 def test_vlb_terms_match_torch_distributions():
@@ -140,10 +148,13 @@ def test_vlb_terms_match_torch_distributions():
     post = discrete_posterior(SCHED, x0, x_t, t)
     N = torch.distributions.Normal
     kl = torch.distributions.kl_divergence(N(post.mean[1:], post.var[1:].expand_as(x0[1:]).sqrt()), N(model.mean[1:], model.var[1:].sqrt()))
+    # float64 closed-form KL vs torch.distributions: seen 4.4e-16 abs (1.8e-5 relative on near-zero KLs, hence the atol).
     torch.testing.assert_close(got[1:], kl, rtol=1e-10, atol=1e-12)
     d = N(model.mean[0], model.var[0].sqrt())
     hi = torch.where(k[0] == 255, torch.ones_like(x0[0]), d.cdf(x0[0] + 1 / 255))
     lo = torch.where(k[0] == 0, torch.zeros_like(x0[0]), d.cdf(x0[0] - 1 / 255))
+    # float64 log of a CDF difference over a bin of width 2/255 (cancellation ~1e-13 relative):
+    # seen 1.7e-12 abs on O(10) values, 6700x below the bound.
     torch.testing.assert_close(got[0], -torch.log(hi - lo), rtol=1e-9, atol=1e-12)
     in_bits = vlb_loss_term(SCHED, x0, x_t, t, x0_pred, v_raw, "x0")
     torch.testing.assert_close(in_bits, got.flatten(1).mean(1) / math.log(2))
@@ -158,7 +169,8 @@ def test_vlb_bits_per_dim_with_learned_ends_equals_fixed_variances():
         learned = Denoiser(learned_model(eps_fn, lambda x, t, v=v: torch.full_like(x, v)), sched, learn_variance=True)
         ours = vlb_bits_per_dim(learned, x0, generator=torch.Generator().manual_seed(5))
         ref = vlb_bits_per_dim(Denoiser(eps_fn, sched), x0, variance=fixed, generator=torch.Generator().manual_seed(5))
-        torch.testing.assert_close(ours.nats, ref.nats, rtol=1e-10, atol=0)
+        # float64, the same Gaussian terms reached through two code paths: seen 5.8e-16 relative; 1e-12 = 1700x.
+        torch.testing.assert_close(ours.nats, ref.nats, rtol=1e-12, atol=0)
 
 
 # ----- sampling ------------------------------------------------------------------------------
@@ -171,6 +183,7 @@ def test_ddpm_with_learned_ends_is_the_fixed_sampler(grid):
         learned = Denoiser(learned_model(eps_fn, lambda x, t, v=v: torch.full_like(x, v)), SCHED, learn_variance=True)
         ours = sample(learned, x, "ddpm", 20, generator=torch.Generator().manual_seed(7), grid=grid)
         ref = sample(eps_fn, x, "ddpm", 20, SCHED, torch.Generator().manual_seed(7), grid=grid, variance=fixed)
+        # float64, 20 ancestral steps with the same draws, variance via exp(log): seen 3.4e-13 abs; 1e-10 = 300x.
         torch.testing.assert_close(ours.samples, ref.samples, rtol=0, atol=1e-10)
 
 
@@ -191,6 +204,7 @@ def test_learned_range_step_matches_diffusers(steps, t):
                        generator=torch.Generator().manual_seed(9)).prev_sample
     noise = NoiseSource.from_any(torch.Generator().manual_seed(9), 4)
     ours = ddpm(Denoiser(model, SCHED, learn_variance=True), x, torch.tensor([float(t), float(prev)]), noise)
+    # float64 tables on both sides, one step: seen 7.3e-13 (diffusers' op order); 1e-10 = 140x.
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-10)
 
 
@@ -220,6 +234,7 @@ def test_importance_sampler_is_uniform_until_warm_then_sqrt_mean_square():
             values[i].append(v)
         assert sampler.warm == (round_ >= HISTORY - 1)
     rms = torch.tensor([math.sqrt(sum(v * v for v in values[i][-HISTORY:]) / HISTORY) for i in range(T)], dtype=torch.float64)
+    # float64 sums of 10 squares and a normalisation: seen 2.2e-16 relative; 1e-12.
     torch.testing.assert_close(sampler.probabilities(), rms / rms.sum(), rtol=1e-12, atol=0)
 
 
@@ -232,8 +247,10 @@ def test_importance_weights_are_unbiased():
     target = f.mean().item()
     t, w = sampler.sample(20000, torch.Generator().manual_seed(3))
     est = f[t] * w.double()
+    # a Monte-Carlo mean of 20000 draws: 4 standard errors (two-sided false-failure rate 6e-5).
     assert abs(est.mean().item() - target) < 4 * est.std().item() / math.sqrt(len(est))
     assert not torch.allclose(w, torch.ones_like(w))  # actually importance-weighted
+    # float32 weights from float64 probabilities: one rounding (6e-8 relative; seen 5.8e-8); 1e-6 = 16 ulps.
     torch.testing.assert_close(w.double(), 1 / (T * p[t]), rtol=1e-6, atol=0)
 
 
@@ -278,8 +295,21 @@ def test_trainer_uses_importance_weights(tmp_path):
     trainer.objective.timestep_sampler.load_state_dict(_warm(T).state_dict())
     batch = trainer._local_batch(1)
     t, w = batch["t"], batch["weights"]
+    # float32 weights from float64 probabilities: one rounding each (6e-8 relative); 1e-6 = 16 ulps of margin.
     torch.testing.assert_close(w.double(), 1 / (T * trainer.objective.timestep_sampler.probabilities()[t]), rtol=1e-6, atol=0)
-    assert math.isfinite(trainer.train_step(1))
+    assert not torch.allclose(w, torch.ones_like(w))  # the weights are not uniform, so weighting is visible below
+    # The step's loss by hand on the same batch and (pre-step) weights: mean_i w_i L_vlb(x0_i, t_i, eps_i),
+    # L_vlb being the per-sample KL / decoder NLL term checked against the Gaussian formulas above.
+    with torch.no_grad():
+        trainer.model.train()
+        per_sample = diffusion_loss(trainer.model, batch["x"], trainer.objective.schedule, batch["t"].cpu(), batch["noise"],
+                                    loss="vlb", learn_variance=True)
+    expected = (per_sample * w.to(per_sample.dtype)).mean().item()
+    unweighted = per_sample.mean().item()
+    # float32, the trainer's own ops (seen bit-equal): 1e-6 leaves only a few ulps of a 4-term batch mean for a
+    # different reduction order, while the unweighted mean is off by 42% (weighting forgotten would fail).
+    assert abs(expected - unweighted) > 1e-3 * abs(expected)
+    assert trainer.train_step(1) == pytest.approx(expected, rel=1e-6)
 
 
 def test_train_save_load_and_sample_with_learned_variance(tmp_path, capsys):

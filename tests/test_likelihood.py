@@ -104,14 +104,19 @@ def test_bits_per_dim_offset_for_uniform_density():
 
 
 def test_bits_per_dim_matches_discrete_probability():
-    """bits/dim of an 8-bit point equals -log2 P(its bin) / D of the density, to 1e-3
-    (an offset of log 128 instead of log 127.5 would be off by 0.0056)."""
+    """bits/dim of an 8-bit point equals -log2(p(x) (2/255)^D) / D to the solver's error, and -log2 P(its bin) / D
+    to 6e-4 (an offset of log 128 instead of log 127.5 would be off by 0.0056)."""
     g = unit_mixture()
     x = quantize(g.sample(16, torch.Generator().manual_seed(6)))
     d = Denoiser(g.eps_model(SCHED), SCHED)
     res = ode_log_likelihood(d, x, rtol=1e-6, atol=1e-6, prior_log_prob=_exact_prior(g))
+    density_bpd = -_noised(g, T_START).log_prob(x) / (2 * math.log(2)) + math.log2(127.5)  # -log2(p(x) w^D) / D
+    # float64; only the solver's error (rtol = atol = 1e-6) remains, seen 6.7e-6 bits/dim: 7e-5 is a 10x margin.
+    assert (res.bits_per_dim - density_bpd).abs().max().item() < 7e-5
     exact_bpd = -discrete_log_prob(_noised(g, T_START), x) / (2 * math.log(2))
-    assert (res.bits_per_dim - exact_bpd).abs().max().item() < 1e-3
+    # P(bin) differs from p(x) w^D by the density's curvature over the bin (seen 3.1e-4 bits/dim, deterministic
+    # for this seed), not by solver error: 6e-4 is a 2x margin and still rejects the 0.0056 offset bug.
+    assert (res.bits_per_dim - exact_bpd).abs().max().item() < 6e-4
 
 
 def test_uniform_dequantization():
@@ -127,9 +132,14 @@ def test_uniform_dequantization():
     assert abs(u.mean().item()) < 3 * math.sqrt(1 / 12 / u.numel())
     assert u.var().item() == pytest.approx(1 / 12, rel=0.1)
     exact_bpd = (-discrete_log_prob(_noised(g, T_START), x[:1]) / (2 * math.log(2))).item()
+    density_bpd = -_noised(g, T_START).log_prob(res.x) / (2 * math.log(2)) + math.log2(127.5)
+    # float64; at each dequantized point only the solver's error remains, seen 2.6e-6 bits/dim: 3e-5 is ~10x.
+    assert (res.bits_per_dim - density_bpd).abs().max().item() < 3e-5
     mean, se = res.bits_per_dim.mean().item(), res.bits_per_dim.std().item() / math.sqrt(len(x))
+    # The Jensen gap (seen 4.5e-4) is below the Monte Carlo standard error of 200 offsets (1.7e-3), so both sides
+    # are bounded by 3 standard errors (the old 1e-3 bound was under one standard error: it held by seed luck).
     assert mean > exact_bpd - 3 * se
-    assert mean - exact_bpd < 1e-3
+    assert mean - exact_bpd < 3 * se
 
 
 # ----- discrete VLB --------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""``evaluate`` wiring: every metric against the direct functions, batch-size independence, determinism,
+"""``evaluate`` wiring: every metric against peer implementations and closed forms, batch-size independence, determinism,
 reference caching, input warnings, bad input, and the JSON/Markdown report.
 
 Inception on CPU costs ~0.3 s per image, so most tests swap in a stand-in extractor (a fixed random
@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import CIFAR_FILES, MNIST_FILES, require_shared_data
+from metric_peers import brute_precision_recall, peer_fid, peer_inception_score
 from PIL import Image
 
 import difflab.metrics.evaluation as evaluate_module
 import difflab.metrics.reference as reference_module
 from difflab.errors import UserError
-from difflab.metrics import evaluate, frechet_distance, inception_score, parse_metrics, prdc, write_report
+from difflab.metrics import evaluate, frechet_distance, parse_metrics, write_report
 from difflab.metrics.preprocess import resize_bicubic, to_rgb
 
 
@@ -56,20 +57,53 @@ def _images(seed: int, n: int, size: int = 16) -> torch.Tensor:
     return (base + 0.3 * torch.rand(n, 3, size, size, generator=gen)).clamp(0, 1)
 
 
-def test_metrics_equal_direct_computation(thumb, tmp_path):
+def _thumb_features(thumb, images: torch.Tensor):
+    """The stand-in extractor applied by hand to the uint8 images evaluate() sees (x in [0, 1] -> rint(255 x))."""
+    feats, logits = thumb(list(np.moveaxis(np.rint(images.numpy() * 255).astype(np.uint8), 1, -1)))
+    return feats.double().numpy(), logits.double()
+
+
+def test_metrics_match_peer_implementations(thumb, tmp_path):
     fake, real = _images(0, 40), _images(1, 50) * 0.8
     out = evaluate(fake, ["fid", "is", "prdc"], real, batch_size=7, cache_dir=tmp_path, progress=False)
-    f, r = thumb(list(np.moveaxis(np.rint(fake.numpy() * 255).astype(np.uint8), 1, -1))), \
-        thumb(list(np.moveaxis(np.rint(real.numpy() * 255).astype(np.uint8), 1, -1)))
-    fx, rx = f[0].double().numpy(), r[0].double().numpy()
+    (fx, f_logits), (rx, _) = _thumb_features(thumb, fake), _thumb_features(thumb, real)
     m = out["metrics"]
-    want_fid = frechet_distance(fx.mean(0), np.cov(fx, rowvar=False), rx.mean(0), np.cov(rx, rowvar=False))
-    assert m["fid"]["value"] == pytest.approx(want_fid, rel=1e-6)
-    assert (m["is"]["value"], m["is"]["std"]) == pytest.approx(inception_score(f[1], splits=10), rel=1e-6)
-    for key, value in prdc(rx, fx).items():
-        assert m[key]["value"] == pytest.approx(value, abs=1e-9)
+    want_fid = peer_fid(fx, rx)
+    assert want_fid > 1e-3  # the two sets differ, so the check has something to measure
+    # same float32 features on both sides, float64 statistics and sqrtm of a 12x12 matrix: seen 6e-15 relative
+    assert m["fid"]["value"] == pytest.approx(want_fid, rel=1e-9)
+    want_is = peer_inception_score(f_logits, splits=10)
+    assert want_is > 1.01  # the logits vary across images
+    # torchmetrics computes in float64 here (logits passed as float64): 40 x 6 softmaxes, seen 2e-16 relative
+    assert m["is"]["value"] == pytest.approx(want_is, rel=1e-9)
+    want_pr = brute_precision_recall(rx, fx, k=3)
+    assert 0 < want_pr["precision"] < 1 or 0 < want_pr["recall"] < 1  # not a trivial all-in / all-out case
+    for key in ("precision", "recall"):
+        assert m[key]["value"] == want_pr[key]  # counts over 40 / 50 points: exact
     assert m["precision"]["k"] == 3 and m["density"]["k"] == 5
     assert json.loads(json.dumps(out)) == out  # JSON-able
+
+
+def test_closed_forms_of_a_set_against_itself_and_a_shift(thumb, tmp_path):
+    """FID(X, X) = 0 and precision = recall = 1 of X against X; the features are linear in the pixels, so a
+    constant shift c of every image shifts every feature by c * (sum over pixels of the projection), and FID
+    becomes ||delta mu||^2 exactly (equal covariances) -- as long as no pixel clips and rint commutes."""
+    images = (torch.arange(20)[:, None, None, None] * 10 + torch.randint(0, 60, (20, 3, 16, 16),
+              generator=torch.Generator().manual_seed(0))).clamp(0, 200).to(torch.uint8)
+    same = evaluate(images, ["fid", "precision", "recall"], images, cache_dir=tmp_path / "a", progress=False)["metrics"]
+    # float64 statistics and sqrtm of S S for a 12x12 covariance: seen 2.3e-13 absolute; 1e-9 is a wide margin
+    assert abs(same["fid"]["value"]) < 1e-9
+    assert same["precision"]["value"] == 1.0 and same["recall"]["value"] == 1.0
+    shifted = images + 40  # uint8 values <= 240: no overflow, no clipping
+    fx, _ = thumb(list(shifted.permute(0, 2, 3, 1).numpy()))
+    rx, _ = thumb(list(images.permute(0, 2, 3, 1).numpy()))
+    delta = fx.double().mean(0) - rx.double().mean(0)
+    got = evaluate(shifted, ["fid"], images, cache_dir=tmp_path / "b", progress=False)["metrics"]["fid"]["value"]
+    want = float((delta ** 2).sum())
+    assert want > 1e-3
+    # the covariances differ only by the float32 rounding of the features (eps 1.19e-7), and the trace term is
+    # second order in that difference (~1e-14 tr S); the rest is float64: seen 1.5e-14 relative, 1e-9 is wide
+    assert got == pytest.approx(want, rel=1e-9)
 
 
 def test_batch_size_independence_and_determinism(thumb, tmp_path):

@@ -60,8 +60,11 @@ def test_distribution_converges_to_the_mixture(truth, name, options, many):
     out = sample(model, x, name, many, SCHEDULE, torch.Generator().manual_seed(5), **options).samples
     d_few, d_many = sliced_wasserstein(few, exact), sliced_wasserstein(out, exact)
     assert d_many < d_few
+    # floor = sliced-Wasserstein distance between two exact samples of this size (pure Monte-Carlo noise);
+    # 2x it allows the discretisation bias plus one more noise draw.
     assert d_many <= 2 * floor, f"{name}: SW {d_many:.4f} vs noise floor {floor:.4f}"
     sigma = torch.sqrt(mix.weights * (1 - mix.weights) / N_SAMPLES)
+    # binomial standard error of each component share at N_SAMPLES: 4 sigma (two-sided false-failure ~6e-5 per component).
     assert bool(((component_fractions(mix, out) - mix.weights).abs() <= 4 * sigma).all())
 
 
@@ -106,4 +109,5 @@ def test_ode_solver_has_its_theoretical_order(ode_problem, name, order):
         log_err.append(math.log(float((y - ref).norm(dim=1).mean())))
     a = torch.tensor([log_nfe, [1.0] * len(log_nfe)], dtype=torch.float64).T
     slope = -torch.linalg.lstsq(a, torch.tensor(log_err, dtype=torch.float64)[:, None]).solution[0].item()
+    # a least-squares slope over a few step counts still carries pre-asymptotic error; +-0.35 separates order p from p +- 1 (not re-measured here).
     assert abs(slope - order) <= 0.35, f"{name}: slope {slope:.2f}, errors {[round(math.exp(e), 7) for e in log_err]}"

@@ -63,9 +63,9 @@ def build_conditioner(config: TrainConfig, dataset: Any) -> Any:
 
 
 def build_network(model: dict[str, Any], given: dict[str, Any]) -> nn.Module:
-    """The network named by ``model["_class_name"]`` (default UNet) with its config: ``given`` (what the data,
-    conditions and objective fix, for the fields the config class has) overridden by nothing — a ``model``
-    key that contradicts a given value is a one-line error — plus the other ``model`` keys."""
+    """The network named by ``model["_class_name"]`` (default UNet), configured by the other ``model`` keys plus
+    those ``given`` fields (fixed by the data, conditions and objective) that its config class has; a ``model``
+    key that contradicts a given value is a one-line error."""
     from difflab.io.registry import network_class
 
     fields = dict(model)

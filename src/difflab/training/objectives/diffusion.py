@@ -76,4 +76,6 @@ class DiffusionObjective(Objective):
     def preview(self, model: nn.Module, path: Path) -> Path | None:
         pipe = self.pipeline(model)
         out = pipe(seed=0, progress=False, **self.preview_kwargs)
-        return pipe.modality.preview(out.samples, path)
+        from difflab.modalities import get_modality
+
+        return get_modality(pipe.modality).preview(out.samples, path)
