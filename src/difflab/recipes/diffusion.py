@@ -57,7 +57,8 @@ def build_conditioner(config: TrainConfig, dataset: Any) -> Any:
         if c.concat not in probe:
             raise UserError(f"conditioning.concat={c.concat!r} but the items' conditions are {sorted(probe)}; "
                             "name one of them (data.low_res_factor makes 'low_res')")
-        concat = ConcatCondition(key=c.concat, channels=int(probe[c.concat].shape[0]), noise_aug_max=c.concat_noise_aug)
+        concat = ConcatCondition(key=c.concat, channels=int(probe[c.concat].shape[0]), noise_aug_max=c.concat_noise_aug,
+                                 schedule=config.schedule)  # augment with the model's own forward process (CDM)
     return Conditioner(c.kind, num_classes=dataset.num_classes, class_names=dataset.class_names,
                        text_encoder=c.text_encoder, concat=concat)
 

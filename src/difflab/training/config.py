@@ -35,7 +35,7 @@ class ConditioningConfig:
     dropout: float = 0.1  # probability of training a sample with the null condition (for classifier-free guidance)
     text_encoder: str = "minilm"  # minilm | clip:/dir | t5:/dir | bert:/dir | a local model directory
     concat: str | None = None  # a condition of the items (e.g. low_res) joined to the network input
-    concat_noise_aug: float = 0.0  # max noise-conditioning augmentation level of the concat condition (CDM)
+    concat_noise_aug: float = 0.0  # max noise-conditioning augmentation level of the concat condition, a fraction of T in [0, 1] (CDM)
 
 
 @dataclass
