@@ -1,20 +1,18 @@
 """Fréchet distance and streaming statistics against pytorch-fid, closed forms and numpy.
 
 pytorch-fid (test-only: ``pip install --no-deps pytorch-fid``) imports torchvision at module level, which
-cannot be installed beside torch 2.13 here. Its ``calculate_frechet_distance`` uses only numpy/scipy, so we
-import it with a stub ``torchvision`` placed in ``sys.modules`` for the duration of the import (the stub
+cannot be installed beside torch 2.13 here. Its ``calculate_frechet_distance`` uses only numpy/scipy, so
+``tests/metric_peers.py`` imports it with a stub ``torchvision`` placed in ``sys.modules`` for the duration of the import (the stub
 provides just the names pytorch-fid touches while importing: three base classes and two submodules).
 """
 
 from __future__ import annotations
 
-import sys
-import types
 import warnings
 
 import numpy as np
 import pytest
-import torch.nn as nn
+from metric_peers import pytorch_fid_frechet
 
 from difflab.errors import UserError
 from difflab.metrics.frechet import frechet_distance
@@ -23,27 +21,7 @@ from difflab.metrics.stats import GaussianStats, load_stats
 
 @pytest.fixture(scope="module")
 def pytorch_fid_distance():
-    pytest.importorskip("pytorch_fid")
-    stub = types.ModuleType("torchvision")
-    stub.__version__ = "0.0+stub"
-    stub.transforms = types.ModuleType("torchvision.transforms")
-    stub.models = types.ModuleType("torchvision.models")
-    stub.models.inception = types.ModuleType("torchvision.models.inception")
-    for name in ("InceptionA", "InceptionC", "InceptionE"):
-        setattr(stub.models.inception, name, type(name, (nn.Module,), {}))
-    names = {"torchvision": stub, "torchvision.transforms": stub.transforms,
-             "torchvision.models": stub.models, "torchvision.models.inception": stub.models.inception}
-    saved = {k: sys.modules.get(k) for k in [*names, "pytorch_fid.inception", "pytorch_fid.fid_score"]}
-    sys.modules.update(names)
-    try:
-        from pytorch_fid.fid_score import calculate_frechet_distance
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
-    return calculate_frechet_distance
+    return pytorch_fid_frechet()
 
 
 def _gaussian_stats(rng: np.random.Generator, n: int, d: int, shift: float = 0.0):
