@@ -58,6 +58,7 @@ def test_kl_matches_torch_distributions():
     posterior = DiagonalGaussian(mean, logvar)
     q = torch.distributions.Normal(mean, torch.exp(0.5 * logvar))
     expected = torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, 1.0)).flatten(1).sum(1)
+    # float32 KL summed over 16 latent entries (|KL| up to ~24): seen 1.9e-6 abs, i.e. 1/66 of atol 1e-5 + rtol 1e-5*|KL|.
     torch.testing.assert_close(posterior.kl(), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(posterior.std, q.stddev)
     assert DiagonalGaussian(mean, torch.full_like(mean, 100.0)).logvar.max() == 20.0  # clamped
@@ -68,6 +69,7 @@ def test_sample_moments_and_per_sample_noise():
     big = DiagonalGaussian(mean.expand(20000, 2, 1, 1), logvar.expand(20000, 2, 1, 1))
     z = big.sample(torch.Generator().manual_seed(1)).flatten(1)
     torch.testing.assert_close(z.mean(0), torch.tensor([1.0, -2.0]), atol=0.05, rtol=0)  # 4 sigma of the mean
+    # statistical: n = 2e4 draws, se of the sample std ~ sigma/sqrt(2n) = 0.01 for sigma = 2, so 0.05 = 5 se (seen 0.0097).
     torch.testing.assert_close(z.std(0), torch.tensor([1.0, 2.0]), atol=0.05, rtol=0)
     pair = DiagonalGaussian(torch.zeros(2, 1, 2, 2), torch.zeros(2, 1, 2, 2))
     both = pair.sample(NoiseSource.from_seeds([7, 8]))
@@ -83,8 +85,10 @@ def test_laplacian_pyramid_reconstructs_and_l1_of_a_shift():
     rebuilt = bands[-1]
     for band in reversed(bands[:-1]):
         rebuilt = band + torch.nn.functional.interpolate(rebuilt, scale_factor=2.0, mode="nearest")
+    # float32 Laplacian pyramid rebuilt over 3 levels (~3 adds/upsamples per pixel, |x| up to ~4): seen 2.4e-7 (~1 ulp at 4); 1e-5 = 42x.
     torch.testing.assert_close(rebuilt, x, rtol=0, atol=1e-5)
     # a constant shift lives only in the coarsest level
+    # float32, a constant 0.25 shift averaged in the coarsest level: seen 0; 1e-6 ~ 34 ulps of 0.25.
     torch.testing.assert_close(pyramid_l1(x + 0.25, x), torch.full((2,), 0.25), rtol=0, atol=1e-6)
 
 
@@ -127,8 +131,11 @@ def test_scaling_factor_is_one_over_latent_std(trained, shapes16):
     with torch.no_grad():
         std = model.encode(x).mean.double().std().item()
     assert json.loads((out / "config.json").read_text())["config"]["scaling_factor"] == result.scaling_factor
+    # float32 latents, std taken in float64 by the same code path: seen 0; rel 1e-6 ~ 8 float32 eps.
     assert model.scaling_factor == pytest.approx(1.0 / std, rel=1e-6)
+    # same computation through latent_scaling_factor: seen 0; rel 1e-6 ~ 8 float32 eps.
     assert latent_scaling_factor(model, shapes16, 64) == pytest.approx(1.0 / std, rel=1e-6)
+    # float32 latents * scale, std in float64 over ~1e3 values: seen 3.0e-8 rel; 1e-5 = 330x.
     assert LatentDataset(shapes16, model).images().double().std().item() == pytest.approx(1.0, rel=1e-5)
 
 
@@ -171,6 +178,7 @@ def test_latent_dataset_items_and_cache(tmp_path, shapes16):
     assert (len(ds), ds.sample_shape, ds.image_shape) == (10, (4, 4, 4), (3, 16, 16)) and not ds.from_cache
     with torch.no_grad():
         expected = ae.encode(torch.stack([base[i]["x"] for i in range(10)])).mean * 2.5
+    # float32 encoder in batches of 3 vs one batch of 10 (different GEMM blocking, ~1e3 MACs/output, |y| up to 1.8): seen 1.25e-6 abs, 0.42 of atol 1e-6 + rtol 1e-5*|y| -> 2.4x margin (kept).
     torch.testing.assert_close(ds.images(), expected, rtol=1e-5, atol=1e-6)
     assert ds[3]["cond"]["caption"] == base[3]["cond"]["caption"] and ds[3]["cond"]["label"] == base[3]["cond"]["label"]
     again = LatentDataset(base, ae, cache_path=cache)

@@ -26,8 +26,10 @@ def test_inception_score_matches_torchmetrics():
     torch.manual_seed(1234)
     tm_mean, tm_std = metric.compute()
     mean, std = inception_score(logits[perm], splits=10)
-    assert mean == pytest.approx(float(tm_mean), abs=1e-6)
-    assert std == pytest.approx(float(tm_std) * np.sqrt(9 / 10), abs=1e-6)
+    # float64 logits, same splits and permutation as torchmetrics (~1e3 exp/log per row): seen 0; tightened from abs 1e-6 to 1e-12 (~450 eps at IS ~10.8).
+    assert mean == pytest.approx(float(tm_mean), abs=1e-12)
+    # float64 std over 10 splits: seen 1.8e-15; tightened from abs 1e-6 to 1e-13 (55x).
+    assert std == pytest.approx(float(tm_std) * np.sqrt(9 / 10), abs=1e-13)
 
 
 def test_inception_score_closed_forms():
@@ -38,7 +40,8 @@ def test_inception_score_closed_forms():
     # two-class example by hand: p(y|x) in {(0.9, 0.1), (0.1, 0.9)} equally often, p(y) = (0.5, 0.5)
     p = np.array([[0.9, 0.1], [0.1, 0.9]] * 3)
     kl = 0.9 * np.log(0.9 / 0.5) + 0.1 * np.log(0.1 / 0.5)
-    assert inception_score(np.log(p), splits=1)[0] == pytest.approx(np.exp(kl), rel=1e-12)
+    # float64, two-class closed form (a few exp/log): seen 1.5e-16 rel; tightened from 1e-12 to 1e-14 (65x).
+    assert inception_score(np.log(p), splits=1)[0] == pytest.approx(np.exp(kl), rel=1e-14)
 
 
 def test_inception_score_split_boundaries_and_errors():
@@ -46,7 +49,8 @@ def test_inception_score_split_boundaries_and_errors():
     logits = rng.standard_normal((23, 5))
     parts = [logits[i * 23 // 4:(i + 1) * 23 // 4] for i in range(4)]
     scores = [inception_score(part, splits=1)[0] for part in parts]
-    assert inception_score(logits, splits=4) == pytest.approx((np.mean(scores), np.std(scores)), rel=1e-12)
+    # float64, the same per-split computation as the loop: seen 0; tightened from 1e-12 to 1e-14 (~45 eps).
+    assert inception_score(logits, splits=4) == pytest.approx((np.mean(scores), np.std(scores)), rel=1e-14)
     with pytest.raises(UserError, match="at least 10 samples"):
         inception_score(logits[:5], splits=10)
 
@@ -78,7 +82,8 @@ def test_prdc_matches_definitions(seed):
     got = prdc(real, fake, k_pr=3, k_dc=5)
     want = _brute_force(real, fake, 3, 5)
     for key in want:
-        assert got[key] == pytest.approx(want[key], abs=1e-12), key
+        # float64 counts divided by n (one rounding each, distances compared not summed): seen 0; tightened from abs 1e-12 to 1e-14 (~45 eps).
+        assert got[key] == pytest.approx(want[key], abs=1e-14), key
     assert precision_recall(real, fake, k=3) == pytest.approx((want["precision"], want["recall"]))
     dc = _brute_force(real, fake, 5, 5)
     assert density_coverage(real, fake, k=5) == pytest.approx((dc["density"], dc["coverage"]))
@@ -90,7 +95,8 @@ def test_prdc_chunking_and_order_do_not_matter(monkeypatch):
     whole = prdc(real, fake)
     monkeypatch.setattr(manifold_module, "_CHUNK_ELEMENTS", 100)  # forces 1-2 rows per chunk
     assert prdc(real, fake) == whole
-    assert prdc(real[::-1], fake[rng.permutation(70)]) == pytest.approx(whole, abs=1e-12)
+    # float64 k-NN counts are order-independent up to ties: seen 0 for every metric; tightened from abs 1e-12 to 1e-14 (~45 eps at values ~1).
+    assert prdc(real[::-1], fake[rng.permutation(70)]) == pytest.approx(whole, abs=1e-14)
 
 
 def test_knn_radius_needs_enough_points():

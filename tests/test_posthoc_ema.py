@@ -77,21 +77,27 @@ def snapshot_run(tmp_path_factory):
 
 # ----- sigma_rel <-> gamma ----------------------------------------------------------------------
 def test_paper_values_and_round_trip():
+    # published values have 2 decimals, so 5e-3 is their rounding half-width (seen 2.8e-3 and 2.2e-3: bounded by the rounding, not by float64 roundoff).
     assert sigma_rel_to_gamma(0.10) == pytest.approx(6.94, abs=5e-3)  # EDM2 sec. 3.1
     assert sigma_rel_to_gamma(0.05) == pytest.approx(16.97, abs=5e-3)
+    # inputs 6.94/16.97 carry that 5e-3 rounding; d(sigma_rel)/d(gamma) ~ 6e-3 maps it to ~3e-5 (seen 2.8e-5, 5.5e-6); 1e-4 = 3.6x.
     assert gamma_to_sigma_rel(6.94) == pytest.approx(0.10, abs=1e-4)
     assert gamma_to_sigma_rel(16.97) == pytest.approx(0.05, abs=1e-4)
     for s in np.geomspace(1e-3, 0.299, 25):
-        assert gamma_to_sigma_rel(sigma_rel_to_gamma(s)) == pytest.approx(s, rel=1e-10)
+        # float64 round trip (a few sqrt/div, ~10 roundings): seen 7.9e-16 rel; tightened from 1e-10 to 2e-14 (25x).
+        assert gamma_to_sigma_rel(sigma_rel_to_gamma(s)) == pytest.approx(s, rel=2e-14)
     for g in (-0.3, 0.0, 1.0, 6.94, 100.0, 1e4):
-        assert sigma_rel_to_gamma(gamma_to_sigma_rel(g)) == pytest.approx(g, rel=1e-8, abs=1e-8)
+        # float64 round trip: seen 9e-16 rel (6.7e-16 abs at g=0); tightened from 1e-8 to 1e-14 (>10x).
+        assert sigma_rel_to_gamma(gamma_to_sigma_rel(g)) == pytest.approx(g, rel=1e-14, abs=1e-14)
 
 
 @pytest.mark.parametrize("gamma", [0.0, 1.5, 6.94, 16.97])
 def test_sigma_rel_is_the_relative_std_of_the_profile(gamma):
     p = lambda tau: (gamma + 1) * tau**gamma
     mass, mean, second = (quad(lambda x, k=k: x**k * p(x), 0, 1, epsabs=1e-13)[0] for k in (0, 1, 2))
+    # bounded by quad's accuracy (epsabs 1e-13, default epsrel ~1.5e-8 reached much better): seen 6.9e-12; 1e-10 = 14x.
     assert mass == pytest.approx(1, rel=1e-10)
+    # float64 moments from quad then sqrt(second - mean^2) (cancellation ~10x): seen 4.8e-11 rel; 1e-8 = 200x.
     assert gamma_to_sigma_rel(gamma) == pytest.approx(math.sqrt(second - mean**2), rel=1e-8)
 
 
@@ -111,7 +117,8 @@ def test_update_equals_integral_for_theta_equal_t(sigma_rel):
     for i in range(1, 201):
         cell = (g + 1) / (g + 2) * (i ** (g + 2) - (i - 1) ** (g + 2)) / (i ** (g + 1) - (i - 1) ** (g + 1))
         tracker.update(set_theta(model, [cell]), i)
-        assert tracker.averaged["theta"].item() == pytest.approx((g + 1) / (g + 2) * i, rel=1e-11)
+        # float64 running average, one update per step over 200 steps (~200 roundings of O(eps)): seen 4.9e-15 rel; tightened from 1e-11 to 1e-13 (20x).
+        assert tracker.averaged["theta"].item() == pytest.approx((g + 1) / (g + 2) * i, rel=1e-13)
     # with theta_i = i (theta(tau) = ceil(tau)), the continuous result for theta(tau) = tau is off by less than one step
     tracker = PowerEMA(model, sigma_rel)
     for i in range(1, 201):
@@ -125,7 +132,8 @@ def test_update_equals_integral_by_quadrature():
     g, thetas = sigma_rel_to_gamma(sigma_rel), trajectory(t, 1)[:, 0].tolist()
     integral = sum(quad(lambda x: x**g, i - 1, i, epsabs=0, epsrel=1e-13)[0] * thetas[i - 1] for i in range(1, t + 1))
     expected = (g + 1) / t ** (g + 1) * integral
-    assert power_ema(trajectory(t, 1), sigma_rel, t).item() == pytest.approx(expected, rel=1e-10)
+    # reference is quad with epsrel 1e-13 summed over t cells: seen 1.8e-16; tightened from 1e-10 to 1e-13, the reference's requested accuracy (550x seen; tighter than that reference can't be trusted).
+    assert power_ema(trajectory(t, 1), sigma_rel, t).item() == pytest.approx(expected, rel=1e-13)
 
 
 def test_sparse_updates_hold_the_new_weights_since_the_last_update():
@@ -138,6 +146,7 @@ def test_sparse_updates_hold_the_new_weights_since_the_last_update():
         every.update(set_theta(model, thetas[upcoming - 1]), i)
         if i in updates:
             sparse.update(model, i)
+    # float64, sparse vs every-step updates run the same recurrence: seen 0 (bitwise); 1e-13 ~ 500 ulps for reordered sums.
     assert torch.allclose(sparse.averaged["theta"], every.averaged["theta"], rtol=1e-13, atol=0)
     with pytest.raises(ValueError, match="not after"):
         sparse.update(model, 30)
@@ -171,11 +180,13 @@ def test_closed_form_inner_products_and_fit_error_match_quadrature():
     steps, (gamma, step) = [40, 70, 100] * 2, (sigma_rel_to_gamma(0.08), 100)
     profile = lambda g, t: lambda x: (g + 1) * x**g / t ** (g + 1) * (x <= t)
     numeric = quad(lambda x: profile(gammas[0], 40)(x) * profile(gammas[5], 100)(x), 0, 40, epsrel=1e-12)[0]
-    assert profile_inner_products([gammas[0]], [40], [gammas[5]], [100])[0, 0] == pytest.approx(numeric, rel=1e-9)
+    # reference is quad at epsrel 1e-12: seen 1.8e-14 rel; tightened from 1e-9 to 1e-12 (56x seen, = the reference's accuracy).
+    assert profile_inner_products([gammas[0]], [40], [gammas[5]], [100])[0, 0] == pytest.approx(numeric, rel=1e-12)
     coeffs, relative, absolute = solve_coefficients(gammas, steps, gamma, step)
     fit = lambda x: sum(c * profile(g, t)(x) for c, g, t in zip(coeffs, gammas, steps)) - profile(gamma, step)(x)
     err2 = quad(lambda x: fit(x) ** 2, 0, step, points=[40, 70], epsrel=1e-12, limit=200)[0]
-    assert absolute == pytest.approx(math.sqrt(err2), rel=1e-5)
+    # reference is quad (epsrel 1e-12) of the squared fit residual, then sqrt: seen 6.1e-12 rel; tightened from 1e-5 to 1e-10 (16x).
+    assert absolute == pytest.approx(math.sqrt(err2), rel=1e-10)
     assert relative == pytest.approx(absolute / math.sqrt(profile_inner_products([gamma], [step], [gamma], [step])[0, 0]))
 
 
@@ -202,10 +213,13 @@ def test_trained_length_at_a_snapshot_step_returns_that_snapshot(snapshot_run, s
     run, _ = snapshot_run
     state, report = reconstruct(run / SNAPSHOT_DIR, sigma_rel, 200)
     stored = load_file(str(run / SNAPSHOT_DIR / f"sigma{sigma_rel:g}-step{200:09d}.safetensors"))
-    assert torch.allclose(state["theta"], stored["theta"], rtol=1e-9, atol=1e-12), (state["theta"], stored["theta"])
-    assert report.fit_error < 1e-6
+    # float64 least-squares reconstruction picks this snapshot (coefficient 1, others ~5e-14): seen 3.6e-15 abs at |theta|~5.6; tightened from rtol 1e-9/atol 1e-12 to rtol 1e-14/atol 1e-13 (>=28x).
+    assert torch.allclose(state["theta"], stored["theta"], rtol=1e-14, atol=1e-13), (state["theta"], stored["theta"])
+    # fit error of an exactly-stored profile: seen 0.0 in float64; tightened from 1e-6 to 1e-12 (~5000 eps, roundoff of a small Gram solve).
+    assert report.fit_error < 1e-12
     for s in report.snapshots:
-        assert s["coefficient"] == pytest.approx(float(s["step"] == 200 and s["sigma_rel"] == sigma_rel), abs=1e-6)
+        # float64 least-squares coefficients: seen 5.1e-14 off the 0/1 pattern; tightened from 1e-6 to 1e-12 (20x).
+        assert s["coefficient"] == pytest.approx(float(s["step"] == 200 and s["sigma_rel"] == sigma_rel), abs=1e-12)
 
 
 def test_snapshot_files_carry_gamma_and_step(snapshot_run):

@@ -22,8 +22,10 @@ def test_one_step_chain_composes_to_closed_form(kind):
         mean, var = step.mean, (1 - s.betas[t]) * var + step.var.reshape(1)  # Var[b x + n] = b^2 Var[x] + beta
         if t in (0, 10, 500, 999):
             closed = P.q_marginal(s, x0, torch.tensor([t]))
-            assert torch.allclose(mean, closed.mean, rtol=1e-10)
-            assert torch.allclose(var, closed.var.reshape(1), rtol=1e-10)
+            # float64, 1000 composed steps (~3 roundings each): seen 4.4e-16 abs; was rtol 1e-10 + default atol 1e-8 (2e7x), tightened to rtol 1e-13, atol 1e-14 (>=20x).
+            assert torch.allclose(mean, closed.mean, rtol=1e-13, atol=1e-14)
+            # float64 variance recursion over 1000 steps: seen 5.6e-16 abs (2.4e-13 rel on the tiny t=0 value); tightened from rtol 1e-10/atol 1e-8 to rtol 1e-11, atol 1e-14 (>=18x).
+            assert torch.allclose(var, closed.var.reshape(1), rtol=1e-11, atol=1e-14)
 
 
 def test_chain_monte_carlo_matches_q_sample():
@@ -36,12 +38,14 @@ def test_chain_monte_carlo_matches_q_sample():
     closed = P.q_marginal(SCHED, x0[:1], torch.tensor([49]))
     se = closed.var.sqrt().item() / 200_000**0.5
     assert abs(x.mean().item() - closed.mean.item()) < 5 * se
+    # statistical: n = 2e5 normal draws, se of the sample variance = sqrt(2/n) = 3.2e-3 rel, so 0.02 = 6.3 se (seen 2.7e-5 with this seed).
     assert x.var().item() == pytest.approx(closed.var.item(), rel=0.02)
 
 
 def test_x_T_is_standard_normal():
     x0 = torch.ones(4, dtype=torch.float64)
     q = P.q_marginal(SCHED, x0, torch.full((4,), 999))
+    # schedule property, not roundoff: linear alpha_bar_999 = 4.04e-5 gives mean 6.35e-3 (< 0.01, 1.6x) and |var - 1| = 4.04e-5 (< 1e-4, 2.5x).
     assert q.mean.abs().max() < 0.01 and (q.var - 1).abs().max() < 1e-4
 
 
@@ -51,6 +55,7 @@ def test_posterior_equals_bayes_rule(t):
     x0, xt = torch.tensor([0.3], dtype=torch.float64), torch.tensor([-0.4], dtype=torch.float64)
     post = P.discrete_posterior(SCHED, x0, xt, torch.tensor([t]))
     if t == 0:
+        # float64, beta-tilde at t=0 is 0 * ... exactly: seen 0.0; 1e-15 ~ 5 eps of O(0.1) inputs.
         assert torch.allclose(post.mean, x0) and post.var.abs().max() < 1e-15  # previous state is clean data
         return
     ab_prev = SCHED.alphas_cumprod[t - 1]
@@ -58,11 +63,14 @@ def test_posterior_equals_bayes_rule(t):
     b, beta = SCHED.alphas[t].sqrt(), SCHED.betas[t]
     prec = 1 / prior_var + b**2 / beta
     mean = (prior_mean / prior_var + b * xt / beta) / prec
-    assert torch.allclose(post.mean, mean, rtol=1e-9)
-    assert torch.allclose(post.var.reshape(1), (1 / prec).reshape(1), rtol=1e-9)
+    # float64 Bayes rule (~10 ops): seen 5.0e-15 abs, 2.7e-13 rel; was rtol 1e-9 + default atol 1e-8, tightened to rtol 1e-11, atol 1e-13 (>=20x).
+    assert torch.allclose(post.mean, mean, rtol=1e-11, atol=1e-13)
+    # float64: seen 2.4e-17 abs, 1.3e-14 rel at var ~0.02; tightened from rtol 1e-9/atol 1e-8 to rtol 1e-12, atol 1e-15 (>=40x).
+    assert torch.allclose(post.var.reshape(1), (1 / prec).reshape(1), rtol=1e-12, atol=1e-15)
     # and the textbook coefficients (Ho et al. 2020, eq. 7)
     tilde = (1 - ab_prev) / (1 - SCHED.alphas_cumprod[t]) * beta
-    assert post.var.item() == pytest.approx(tilde.item(), rel=1e-9)
+    # float64 textbook coefficients (~5 ops): seen 2.8e-14 rel; tightened from 1e-9 to 1e-12 (35x).
+    assert post.var.item() == pytest.approx(tilde.item(), rel=1e-12)
 
 
 def test_p_reverse_variances():
@@ -72,8 +80,10 @@ def test_p_reverse_variances():
     large = P.p_reverse(SCHED, x, x, t, "large")
     ab = SCHED.alphas_cumprod
     tilde = (1 - ab[t - 1]) / (1 - ab[t]) * SCHED.betas[t]
-    assert torch.allclose(small.var.flatten(), tilde, rtol=1e-9)
-    assert torch.allclose(large.var.flatten(), SCHED.betas[t], rtol=1e-12)
+    # float64 over all t (~5 ops each): seen 9.8e-17 abs, 8.3e-14 rel; tightened from rtol 1e-9/atol 1e-8 to rtol 1e-12, atol 1e-15 (>=10x).
+    assert torch.allclose(small.var.flatten(), tilde, rtol=1e-12, atol=1e-15)
+    # float64, the betas pass through unchanged: seen 0; default atol 1e-8 replaced by 1e-15 (~50 eps at beta ~0.02).
+    assert torch.allclose(large.var.flatten(), SCHED.betas[t], rtol=1e-12, atol=1e-15)
     with pytest.raises(UserError):
         P.p_reverse(SCHED, x, x, t, "learned-ish")
 
@@ -87,7 +97,8 @@ def test_conversions_round_trip():
     for param in P.PARAMETERIZATIONS:
         target = P.target_for(param, x0, eps, a, s)
         x0b, epsb = P.prediction_to_x0_eps(target, param, x, a, s)
-        assert torch.allclose(x0b, x0, atol=1e-8) and torch.allclose(epsb, eps, atol=1e-8)
+        # float64 round trip target -> (x0, eps) (~6 ops, /sigma at t up to 999): seen 8.7e-15 abs; was atol 1e-8 + default rtol 1e-5, tightened to rtol 1e-12, atol 1e-13 (>=11x).
+        assert torch.allclose(x0b, x0, rtol=1e-12, atol=1e-13) and torch.allclose(epsb, eps, rtol=1e-12, atol=1e-13)
     score = P.score_from_eps(eps, s)
     assert torch.allclose(P.eps_from_score(score, s), eps)
     with pytest.raises(UserError):
@@ -112,7 +123,8 @@ def test_denoiser_parameterizations_agree():
 
     outs = [Denoiser(as_param(p), SCHED, p)(x, 321.5) for p in P.PARAMETERIZATIONS]
     for o in outs[1:]:
-        assert torch.allclose(o.x0, outs[0].x0, atol=1e-6) and torch.allclose(o.eps, outs[0].eps, atol=1e-6)
+        # float64, the parameterizations convert through a few ops: seen 1.1e-16 abs; was atol 1e-6 + default rtol 1e-5, tightened to rtol 1e-14, atol 1e-14 (>=90x).
+        assert torch.allclose(o.x0, outs[0].x0, rtol=1e-14, atol=1e-14) and torch.allclose(o.eps, outs[0].eps, rtol=1e-14, atol=1e-14)
     o = outs[0]
     assert torch.allclose(o.score, -o.eps / o.sigma)
     assert torch.allclose(o.v, o.alpha * o.eps - o.sigma * o.x0)

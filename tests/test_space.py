@@ -38,9 +38,11 @@ def test_noise_row_i_depends_only_on_seed_i():
 def test_a_subclass_projects_the_noise_and_the_sampler_draws():
     space = ZeroMean()
     x = space.noise((5, 3), NoiseSource.from_seeds([0, 1]), dtype=torch.float64)
-    torch.testing.assert_close(x.mean(1), torch.zeros(2, 3, dtype=torch.float64), atol=1e-12, rtol=0)
+    # float64 mean over 5 entries after projecting out the mean (~10 roundings of O(1) values): seen 1.8e-16; tightened from 1e-12 to 1e-14 (56x).
+    torch.testing.assert_close(x.mean(1), torch.zeros(2, 3, dtype=torch.float64), atol=1e-14, rtol=0)
     drawn = ProjectedNoise(NoiseSource.from_seeds([0, 1]), space).like(x)
-    torch.testing.assert_close(drawn.mean(1), torch.zeros(2, 3, dtype=torch.float64), atol=1e-12, rtol=0)
+    # float64, same projection: seen 1.8e-16; tightened from 1e-12 to 1e-14 (56x).
+    torch.testing.assert_close(drawn.mean(1), torch.zeros(2, 3, dtype=torch.float64), atol=1e-14, rtol=0)
     torch.testing.assert_close(drawn, x)
 
 
@@ -66,7 +68,8 @@ def test_initial_noise_uses_the_denoisers_space():
     den = Denoiser(lambda x, t: x, SCHED, space=ZeroMean())
     x_T = initial_noise(den, (4, 3), [torch.Generator().manual_seed(s) for s in (3, 4)], 2, dtype=torch.float64)
     assert x_T.shape == (2, 4, 3)
-    torch.testing.assert_close(x_T.mean(1), torch.zeros(2, 3, dtype=torch.float64), atol=1e-12, rtol=0)
+    # float64, same projection over 4 entries: seen 5.6e-17; tightened from 1e-12 to 1e-14 (180x, kept with the two above).
+    torch.testing.assert_close(x_T.mean(1), torch.zeros(2, 3, dtype=torch.float64), atol=1e-14, rtol=0)
     plain = initial_noise(Denoiser(lambda x, t: x, SCHED), (4, 3), NoiseSource.from_seeds([3, 4]), 2)
     assert torch.equal(plain, NoiseSource.from_seeds([3, 4]).randn((4, 3)))
 
@@ -104,8 +107,10 @@ def test_per_sample_times_equal_row_wise_calls():
         out = den(x, t)
         for i in range(4):
             row = den(x[i:i + 1], t[i])
-            torch.testing.assert_close(out.x0[i:i + 1], row.x0, rtol=1e-12, atol=1e-12)
-            torch.testing.assert_close(out.eps[i:i + 1], row.eps, rtol=1e-12, atol=1e-12)
+            # float64, one row alone vs the batch: seen 0; tightened from 1e-12 to 1e-13 (~450 eps, covers BLAS blocking changes).
+            torch.testing.assert_close(out.x0[i:i + 1], row.x0, rtol=1e-13, atol=1e-13)
+            # float64 eps from the same row (|eps| up to ~1.5): seen 0; tightened from 1e-12 to 1e-13.
+            torch.testing.assert_close(out.eps[i:i + 1], row.eps, rtol=1e-13, atol=1e-13)
     with pytest.raises(UserError, match="one per sample"):
         den(x, t[:2])
 

@@ -146,7 +146,9 @@ def test_scaled_linear_betas():
 
     ours = NoiseSchedule.scaled_linear(1000).betas
     exact = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    # float64 linspace then square (2 roundings): seen 7.2e-16 rel; 1e-14 = 14x.
     torch.testing.assert_close(ours, exact, rtol=1e-14, atol=0)
+    # diffusers' table is float32 (linspace + square, ~3 roundings of eps 1.19e-7): seen 2.3e-7 rel; 1e-6 = 4.4x.
     torch.testing.assert_close(ours.float(), DDIMScheduler(**SD_SCHEDULER).betas, rtol=1e-6, atol=0)
     small = NoiseSchedule.scaled_linear(50)
     assert NoiseSchedule.from_config(small.to_config()).betas.equal(small.betas)
@@ -160,7 +162,8 @@ def test_schedule_and_parameterization_from_config(kind, prediction, param):
     config = {"num_train_timesteps": 1000, "beta_schedule": kind, "beta_start": 0.0001, "beta_end": 0.02,
               "prediction_type": prediction}
     spec = SchedulerSpec.from_diffusers(config)
-    torch.testing.assert_close(spec.schedule.alphas_cumprod.float(), DDPMScheduler(**config).alphas_cumprod, rtol=2e-5, atol=0)
+    # diffusers cumprods 1000 float32 factors: worst case ~1000 * eps/2 = 6e-5 rel, seen 1.3e-5; loosened from 2e-5 (1.5x margin) to 6e-5 (4.6x).
+    torch.testing.assert_close(spec.schedule.alphas_cumprod.float(), DDPMScheduler(**config).alphas_cumprod, rtol=6e-5, atol=0)
     assert spec.parameterization == param
 
 

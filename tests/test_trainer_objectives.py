@@ -153,6 +153,7 @@ def test_one_backward_gives_each_network_its_own_gradient(shapes) -> None:
     d_loss().backward()
     for name, p in model.named_parameters():
         if name.startswith("discriminator."):
+            # float32 discriminator grads (|g| <= 0.45), the joint loss's D part vs D's own loss: seen 0; rtol 1e-5 ~ 80 eps covers a reordered backward sum.
             torch.testing.assert_close(p.grad, both[name], rtol=1e-5, atol=1e-8)
         else:  # the autoencoder gets nothing from D's loss
             assert p.grad is None or not p.grad.any(), name

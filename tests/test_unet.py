@@ -59,7 +59,9 @@ def test_timestep_forms() -> None:
     assert torch.allclose(net(x, torch.tensor([7.0, 7.0])), scalar)
     assert torch.allclose(net(x, torch.tensor([7, 7])), scalar)  # integer tensors are accepted
     mixed = net(x, torch.tensor([7.0, 7.5]))  # fractional t
+    # float32 forward of the tiny UNet on the same row: seen 0 (batch rows are independent); 1e-6 ~ 10 ulps at |y|~2, slack for kernel reordering.
     assert torch.allclose(mixed[0], scalar[0], atol=1e-6)
+    # guard: a 0.5 shift in t moves the output by >= 2.4e-2 here, 240x above the 1e-4 floor (which is ~100 float32 ulps at |y|~2).
     assert not torch.allclose(mixed[1], scalar[1], atol=1e-4)
     with pytest.raises(UserError, match="t has shape"):
         net(x, torch.zeros(3))
@@ -71,6 +73,7 @@ def test_timestep_embedding_matches_formula() -> None:
     for row, tv in enumerate(t.tolist()):
         freqs = [10000.0 ** (-i / 3) for i in range(3)]
         expected = [math.cos(tv * f) for f in freqs] + [math.sin(tv * f) for f in freqs]
+        # float32 cos/sin of t*f with |t*f| up to ~1e3: error ~ eps*|t*f| (seen 5.5e-6); 1e-4 = 18x margin.
         assert torch.allclose(emb[row], torch.tensor(expected), atol=1e-4)
     assert timestep_embedding(t, 7).shape == (3, 7)
 
@@ -79,10 +82,12 @@ def test_class_labels_change_output_and_null_label() -> None:
     net, x = make(num_classes=3), images(2)
     a = net(x, 3.0, class_labels=torch.tensor([0, 0]))
     b = net(x, 3.0, class_labels=torch.tensor([1, 1]))
+    # guard: different labels change the output by 1.48 (seen), 1e4x above the 1e-4 float32 noise floor.
     assert not torch.allclose(a, b, atol=1e-4)
     assert net.null_label == 3
     null = net(x, 3.0, class_labels=torch.tensor([3, 3]))
     assert torch.allclose(net(x, 3.0), null)  # no labels = the learned null label
+    # guard: null vs real label differ by 1.73 (seen), far above the 1e-4 float32 floor.
     assert not torch.allclose(null, a, atol=1e-4)
     with pytest.raises(UserError, match="out of range"):
         net(x, 3.0, class_labels=torch.tensor([0, 4]))
@@ -95,9 +100,11 @@ def test_context_changes_output_and_mask_equals_dropping_tokens() -> None:
     assert isinstance(net.mid[0].cross, CrossAttention)
     ctx = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(3))
     a = net(x, 3.0, context=ctx)
+    # guard: swapping contexts moves the output by 0.52 (seen) vs the 1e-4 float32 floor.
     assert not torch.allclose(a, net(x, 3.0, context=ctx.flip(0)), atol=1e-4)
     mask = torch.tensor([[True, True, True, False, False]] * 2)
     masked = net(x, 3.0, context=ctx, context_mask=mask)
+    # float32, masking keys vs dropping them: softmax over -inf entries is exact, seen 0; 1e-5 ~ 40 ulps at |y|~2 for reordered reductions.
     assert torch.allclose(masked, net(x, 3.0, context=ctx[:, :3]), atol=1e-5)
     with pytest.raises(UserError, match="every token"):
         net(x, 3.0, context=ctx, context_mask=torch.zeros(2, 5, dtype=torch.bool))
@@ -110,6 +117,7 @@ def test_pooled_context_changes_output() -> None:
     net, x = make(pooled_context_dim=4), images(2)
     pooled = torch.randn(2, 4, generator=torch.Generator().manual_seed(5))
     a, b = net(x, 3.0, pooled_context=pooled), net(x, 3.0, pooled_context=-pooled)
+    # guard: negating pooled context moves the output by 1.53 (seen) vs the 1e-4 float32 floor.
     assert not torch.allclose(a, b, atol=1e-4)
 
 
@@ -139,6 +147,7 @@ def test_gradient_checkpointing_gives_same_gradients() -> None:
     for net in (plain, ckpt):
         net(x, t).square().mean().backward()
     for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        # float32, recomputed forward is bit-identical on CPU (seen 0 over 112 params); 1e-6 covers reordered grad accumulation (~0.3 max |grad|, ~30 ulps).
         assert torch.allclose(p.grad, q.grad, atol=1e-6), name
 
 
@@ -182,6 +191,7 @@ def test_channels_last_matches_contiguous() -> None:
     cl_net = copy.deepcopy(net).to(memory_format=torch.channels_last)
     out = cl_net(x.contiguous(memory_format=torch.channels_last), t, **kw)
     assert out.is_contiguous(memory_format=torch.channels_last)
+    # float32, channels_last reorders conv reductions (~10^3 MACs per output): seen 1.9e-6; atol 1e-5 + rtol 1e-5*|y| (~3e-5) = ~15x margin.
     assert torch.allclose(out, ref, atol=1e-5)
 
 
@@ -191,6 +201,7 @@ def test_batch_independence_in_eval() -> None:
     full = net(x, t, class_labels=y)
     for i in range(4):
         alone = net(x[i : i + 1], t[i : i + 1], class_labels=y[i : i + 1])
+        # float32, batch-of-1 vs batch-of-4 changes GEMM blocking: seen 2.4e-6; atol+rtol|y| ~3.4e-5 = ~14x margin.
         assert torch.allclose(full[i : i + 1], alone, atol=1e-5)
 
 
@@ -198,6 +209,7 @@ def test_dropout_only_in_training() -> None:
     net, x = make(dropout=0.5), images(2)
     assert torch.equal(net(x, 3.0), net(x, 3.0))
     net.train()
+    # guard: two dropout=0.5 draws differ by 2.17 (seen), far above the 1e-4 float32 floor.
     assert not torch.allclose(net(x, 3.0), net(x, 3.0), atol=1e-4)
 
 
@@ -213,6 +225,7 @@ def test_self_attention_matches_torch_multihead_attention() -> None:
     tokens = attn.norm(x).flatten(2).transpose(1, 2)
     expected = x + mha(tokens, tokens, tokens, need_weights=False)[0].transpose(1, 2).reshape(x.shape)
     assert attn.heads == 4
+    # float32, same math as nn.MultiheadAttention: seen 0; 1e-5 ~ 40 ulps at |y|~3 for a different reduction order.
     assert torch.allclose(attn(x), expected, atol=1e-5)
 
 
@@ -232,6 +245,7 @@ def test_cross_attention_matches_torch_multihead_attention() -> None:
     tokens = attn.norm(x).flatten(2).transpose(1, 2)
     out = mha(tokens, ctx, ctx, key_padding_mask=~mask, need_weights=False)[0]
     expected = x + out.transpose(1, 2).reshape(x.shape)
+    # float32 cross-attention vs nn.MultiheadAttention with a padding mask: seen 0; 1e-5 ~ 40 ulps at |y|~3.
     assert torch.allclose(attn(x, ctx, mask), expected, atol=1e-5)
 
 
