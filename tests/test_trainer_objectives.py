@@ -147,7 +147,7 @@ def test_one_backward_gives_each_network_its_own_gradient(shapes) -> None:
 
     def d_loss() -> torch.Tensor:  # the batch hinge loss of D, from its own implementation
         out = model(batch["x"], batch["eps"], True)
-        return hinge_d_loss(out["real"], out["fake"])
+        return hinge_d_loss(out["real"], out["fake"]).mean()
 
     model.zero_grad(set_to_none=True)
     d_loss().backward()

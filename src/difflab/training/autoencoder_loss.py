@@ -64,13 +64,14 @@ def reconstruction_loss(x: Tensor, x_rec: Tensor, perceptual_weight: float, leve
 
 
 def hinge_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
-    """Discriminator hinge loss ``0.5 * (E relu(1 - D(x)) + E relu(1 + D(x_rec)))`` (Lim & Ye 2017)."""
-    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+    """Per-sample (B,) discriminator hinge loss ``0.5 * (E relu(1 - D(x)) + E relu(1 + D(x_rec)))``, E over
+    each sample's patches (Lim & Ye 2017)."""
+    return 0.5 * (F.relu(1.0 - logits_real).flatten(1).mean(1) + F.relu(1.0 + logits_fake).flatten(1).mean(1))
 
 
 def hinge_g_loss(logits_fake: Tensor) -> Tensor:
-    """Generator (decoder) side of the hinge GAN: ``-E D(x_rec)``."""
-    return -logits_fake.mean()
+    """Per-sample (B,) generator (decoder) side of the hinge GAN: ``-E D(x_rec)`` over each sample's patches."""
+    return -logits_fake.flatten(1).mean(1)
 
 
 def adaptive_gan_weight(rec_loss: Tensor, g_loss: Tensor, last_layer: Tensor) -> Tensor:

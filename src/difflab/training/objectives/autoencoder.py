@@ -5,7 +5,7 @@ Per sample, with ``z = mean + std * eps`` from ``q(z | x)`` and ``x_rec = decode
 
     L_AE = |x - x_rec| + perceptual_weight * pyramid_l1(x, x_rec) + kl_weight * KL / (C H W)
            + [step >= gan_start] * disc_weight * lambda * (-mean D(x_rec))
-    L_D  = [step >= gan_start] * 0.5 * (mean relu(1 - D(x)) + mean relu(1 + D(x_rec.detach())))
+    L_D  = [step >= gan_start] * 0.5 * (mean relu(1 - D(x)) + mean relu(1 + D(x_rec.detach())))   (hinge)
 
 ``lambda`` is the adaptive weight of Esser et al. 2021 (eq. 7). Autoencoder and discriminator are one
 module and take one backward of ``L_AE + L_D``: the generator's GAN term sees D through detached
@@ -21,9 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch.nn import functional as F
 
-from difflab.training.autoencoder_loss import adaptive_gan_weight, reconstruction_loss
+from difflab.training.autoencoder_loss import adaptive_gan_weight, hinge_d_loss, hinge_g_loss, reconstruction_loss
 from difflab.training.objectives.base import Batch, Objective
 
 
@@ -47,10 +46,6 @@ class AutoencoderWithDiscriminator(nn.Module):
             out["real"] = self.discriminator(x)
             out["fake"] = self.discriminator(x_rec.detach())
         return out
-
-
-def _patch_mean(logits: Tensor) -> Tensor:
-    return logits.flatten(1).mean(1)
 
 
 class AutoencoderObjective(Objective):
@@ -82,11 +77,11 @@ class AutoencoderObjective(Objective):
         terms["kl"] = kl.detach()
         total = ae_loss
         if gan:
-            g_loss = -_patch_mean(out["fake_for_g"])
+            g_loss = hinge_g_loss(out["fake_for_g"])
             last_layer = getattr(model, "module", model).autoencoder.decoder.last_layer
             weight = adaptive_gan_weight(rec.mean(), g_loss.mean(), last_layer)
             ae_loss = ae_loss + self.disc_weight * weight * g_loss
-            d_loss = 0.5 * (_patch_mean(F.relu(1.0 - out["real"])) + _patch_mean(F.relu(1.0 + out["fake"])))
+            d_loss = hinge_d_loss(out["real"], out["fake"])
             total = ae_loss + d_loss
             terms.update(g_loss=g_loss.detach(), gan_weight=weight.expand(len(x)), d_loss=d_loss.detach())
         terms["ae_loss"] = ae_loss.detach()
