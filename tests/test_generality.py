@@ -12,7 +12,6 @@ and not the UNet, through the same Trainer, model folder, pipeline and CLI.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -25,7 +24,7 @@ from conftest import run_cli
 from difflab.data.base import DiffusionDataset
 from difflab.data.collate import make_item, pad_collate
 from difflab.data.registry import register_dataset
-from difflab.io.model_folder import PretrainedModel
+from difflab.io import JsonConfig, PretrainedModel
 from difflab.io.registry import register_network
 from difflab.nets.embeddings import timestep_embedding
 from difflab.recipes import train
@@ -36,17 +35,10 @@ MODE_STD = 0.3
 
 
 @dataclass
-class GeneralityMLPConfig:
+class GeneralityMLPConfig(JsonConfig):
     in_channels: int = 2  # filled in from the data's sample_shape
     hidden: int = 64
     time_dim: int = 16
-
-    def to_dict(self):
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d):
-        return cls(**d)
 
 
 @register_network
@@ -222,9 +214,16 @@ def test_c_concat_conditioned_super_resolution_trains_and_samples(tmp_path, one_
     assert (c.in_channels, c.concat_channels, c.resolved_out_channels, c.aug_embedding) == (3, 3, 3, True)
     real = build_dataset("shapes", 16, num_images=2)
     low = torch.stack([torch.nn.functional.avg_pool2d(real[i]["x"][None], 4)[0] for i in range(2)])
-    a = pipe(num_images=2, num_inference_steps=4, seed=0, progress=False, concat={"low_res": low}).samples
-    b = pipe(num_images=2, num_inference_steps=4, seed=0, progress=False, concat={"low_res": -low}).samples
-    assert a.shape == (2, 3, 16, 16) and not torch.equal(a, b)  # the low-res input reaches the network
+    samples = pipe(num_images=2, num_inference_steps=4, seed=0, progress=False, concat={"low_res": low}).samples
+    assert samples.shape == (2, 3, 16, 16)
+    # The sampling denoiser feeds the network exactly (x_t, t, low-res, level 0): its prediction equals a direct
+    # UNet call with those inputs, bit for bit (same float32 ops), and differs from a call without the condition.
+    x, t = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)), torch.full((2,), 40.0)
+    with torch.no_grad():
+        guided = pipe.denoiser(2, concat={"low_res": low}, aug_level=0.0)(x, t).prediction
+        direct = pipe.unet(x, t, concat=low, aug_level=torch.zeros(2))
+        blank = pipe.unet(x, t, concat=torch.zeros_like(low), aug_level=torch.zeros(2))
+    assert torch.equal(guided, direct) and not torch.equal(direct, blank)
 
 
 def test_d_ragged_masked_training_ignores_padding(tmp_path, one_thread):

@@ -143,6 +143,19 @@ def test_resume_without_checkpoint_starts_from_step_zero(tmp_path, tiny_config, 
         assert train(tiny_config, tmp_path / "new", resume=True, progress=False).step == tiny_config.optim.steps
 
 
+def test_resume_of_a_run_without_run_settings_checks_its_checkpoint_config(tmp_path, tiny_config, straight_run):
+    """Runs started before OUT/run_settings.json existed are checked against their checkpoint's config."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(straight_run, old)
+    (old / "run_settings.json").unlink()
+    other = TrainConfig.from_dict({**tiny_config_dict(), "model": {**tiny_config_dict()["model"], "base_channels": 8}})
+    with pytest.raises(UserError, match="cannot resume .*model.base_channels differ"):
+        train(other, old, resume=True, progress=False)
+    assert "complete at step" in train(tiny_config, old, resume=True, progress=False).note
+
+
 def test_resume_of_a_finished_run_changes_nothing(tiny_config, straight_run):
     before = {p: p.stat().st_mtime_ns for p in straight_run.rglob("*") if p.is_file()}
     result = train(tiny_config, straight_run, resume=True, progress=False)

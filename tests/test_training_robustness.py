@@ -158,11 +158,11 @@ def test_resume_is_exact_with_learned_variance_importance_sampling_and_posthoc_e
 
     train(config(20), tmp_path / "straight", progress=False)
     train(config(12), tmp_path / "run", progress=False)
-    state = load_file(str(ckpt.find_checkpoint(tmp_path / "run") / "timestep_sampler.safetensors"))
+    state = load_file(str(ckpt.find_checkpoint(tmp_path / "run") / "objective.safetensors"))
     assert int(state["count"].min()) >= 10  # the sampler was warm when the run stopped
     train(config(20), tmp_path / "run", resume=True, progress=False)
     _assert_bitwise_equal(_weights(tmp_path / "straight"), _weights(tmp_path / "run"))
-    for name in ("timestep_sampler", "posthoc_ema_0", "posthoc_ema_1"):
+    for name in ("objective", "posthoc_ema_0", "posthoc_ema_1"):
         a = load_file(str(ckpt.find_checkpoint(tmp_path / "straight") / f"{name}.safetensors"))
         b = load_file(str(ckpt.find_checkpoint(tmp_path / "run") / f"{name}.safetensors"))
         _assert_bitwise_equal(a, b)

@@ -94,13 +94,6 @@ class Conditioner:
         """Network keyword arguments for rows of :meth:`prepare`'s output (text is encoded here)."""
         return {k: v for c in self.conditions for k, v in c.network_kwargs(dict(prepared), device).items()}
 
-    def training_kwargs(self, labels: Tensor, captions: Sequence[str], drop: Tensor, device: torch.device) -> dict[str, Tensor]:
-        """Network keyword arguments for a batch of labels / captions; rows where ``drop`` is True get the null condition."""
-        if self.label is None:
-            return {}
-        values = labels if self.kind == "class" else captions
-        return self.label.network_kwargs(self.label.prepare(values, drop, torch.Generator()), device)
-
     # ----- sampling ----------------------------------------------------------------------------
     def sampling_kwargs(self, batch: int, class_labels: Any = None, prompt: Any = None, negative_prompt: Any = None,
                         concat: Any = None, aug_level: float = 0.0,

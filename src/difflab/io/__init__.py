@@ -1,6 +1,7 @@
 """The lowest layer: files, the network registry, model and pipeline folders (imports torch, safetensors,
 the standard library and :mod:`difflab.errors` only). See docs/model_folders.md."""
 
+from difflab.io.configs import JsonConfig
 from difflab.io.files import atomic_write, ensure_writable_dir, ensure_writable_file
 from difflab.io.model_folder import (
     PretrainedModel,
@@ -13,6 +14,6 @@ from difflab.io.model_folder import (
 from difflab.io.pipeline_folder import read_pipeline_folder, save_pipeline_folder
 from difflab.io.registry import network_class, network_names, register_network
 
-__all__ = ["PretrainedModel", "V1FolderWarning", "atomic_write", "ensure_writable_dir", "ensure_writable_file",
+__all__ = ["JsonConfig", "PretrainedModel", "V1FolderWarning", "atomic_write", "ensure_writable_dir", "ensure_writable_file",
            "load_model", "load_weights", "network_class", "network_names", "read_model_config",
            "read_pipeline_folder", "register_network", "save_model", "save_pipeline_folder"]

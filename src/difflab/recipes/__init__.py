@@ -47,11 +47,6 @@ def train(config: TrainConfig, out_dir: str | Path, *, resume: bool = False, pro
 
     out_dir = Path(out_dir)
     settings = {"config": config.to_dict(), "objective": "diffusion"}
-    existing = find_checkpoint(out_dir) if out_dir.is_dir() else None
-    if resume and existing and not (out_dir / RUN_SETTINGS).is_file():  # a run from before run_settings.json
-        settings_path = out_dir / RUN_SETTINGS
-        saved = {"config": load_checkpoint(existing)[1]["config"], "objective": "diffusion"}
-        settings_path.write_text(json.dumps(saved, indent=2))
     _, result = fit(lambda: build_diffusion_training(config, out_dir, progress=progress), out_dir, settings,
                     resume=resume, what="a training run", resumable=RESUMABLE)
     return result

@@ -72,11 +72,17 @@ def check_resume(out_dir: Path, settings: dict[str, Any], resume: bool, what: st
     if existing and not resume:
         raise UserError(f"{out_dir} already holds {what}; pass --resume to continue it or choose another --out")
     path = out_dir / RUN_SETTINGS
+    saved = None
     if resume and path.is_file():
         try:
             saved = _flatten(json.loads(path.read_text()))
         except ValueError:
             raise UserError(f"{path} is not valid JSON; delete it to start the run afresh") from None
+    elif resume and existing:  # a run from before run_settings.json: its checkpoint records the config
+        from difflab.training.checkpoint import load_checkpoint
+
+        saved = _flatten(json.loads(json.dumps({**settings, "config": load_checkpoint(existing)[1]["config"]})))
+    if saved is not None:
         new = _flatten(json.loads(json.dumps(settings)))
         free = [p for p in resumable if p.endswith(".")]
         diff = sorted(k for k in set(saved) | set(new) if k not in resumable and not any(k.startswith(p) for p in free)

@@ -202,7 +202,7 @@ class Trainer:
                  "lr_schedule": self.lr_schedule.state_dict(), "bad_steps": self.bad_steps,
                  "skipped_steps": self.skipped_steps, "smoothed": self.smoothed}
         tensors = {"model": model.state_dict(), "ema": self.ema.model.state_dict(), "optimizer": opt_tensors,
-                   "rng": rng_tensors, "timestep_sampler": self.objective.state_dict()}
+                   "rng": rng_tensors, "objective": self.objective.state_dict()}
         ph_tensors, state["posthoc_ema"] = posthoc_ema.checkpoint_entries(self.posthoc_ema)
         tensors.update(ph_tensors)
         ckpt.save_checkpoint(self.out_dir, tensors, state, keep=self.config.log.keep_checkpoints)
@@ -217,7 +217,8 @@ class Trainer:
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         ckpt.set_rng_state(tensors["rng"], state["rng"])
         posthoc_ema.load_checkpoint_entries(self.posthoc_ema, tensors, state["posthoc_ema"])
-        self.objective.load_state_dict(tensors.get("timestep_sampler", {}))
+        # checkpoints written before issue 11 named the objective's state after the diffusion timestep sampler
+        self.objective.load_state_dict(tensors.get("objective", tensors.get("timestep_sampler", {})))
         self.step, self.bad_steps, self.skipped_steps = state["step"], state["bad_steps"], state["skipped_steps"]
         self.smoothed = dict(state.get("smoothed", {}))
 
