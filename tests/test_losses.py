@@ -39,6 +39,33 @@ def test_min_snr_is_min_snr_times_x0_error_for_every_parameterization(parameteri
     torch.testing.assert_close(loss, expected, rtol=2e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("parameterization", ["eps", "x0", "v"])
+def test_min_snr_v_is_capped_snr_plus_one_times_x0_error(parameterization):
+    """min_snr_v: min(SNR_t + 1, gamma) ||x0 - x0_hat||^2, which on the v target is the plain v loss wherever
+    SNR + 1 <= gamma (checked directly: ||v - v_hat||^2 with v = alpha eps - sigma x0, Salimans & Ho 2022)."""
+    torch.manual_seed(0)
+    schedule, gamma = NoiseSchedule.cosine(1000), 5.0
+    x0, x0_hat = torch.randn(6, 3, 4, 4), torch.randn(6, 3, 4, 4)
+    # not t = 999: there alpha = 5e-5, so an eps (or v) output carries the x0 error scaled by 5e-5, below float32's
+    # resolution of x_t, and this weight (unlike min-SNR's) keeps full x0 weight there: the check would measure
+    # rounding. At t = 900 alpha = 0.15 and SNR + 1 = 1.02 < gamma, the same branch of the cap.
+    t = torch.tensor([0, 20, 150, 400, 800, 900])
+    noise = torch.randn_like(x0)
+    loss = diffusion_loss(_network_predicting(x0_hat, schedule, parameterization), x0, schedule, t, noise,
+                          parameterization=parameterization, weighting="min_snr_v", min_snr_gamma=gamma)
+    a, s = schedule.alpha(t.double()), schedule.sigma(t.double())
+    snr = (a / s) ** 2
+    expected = (snr + 1).clamp(max=gamma).float() * (x0 - x0_hat).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(loss, expected, rtol=2e-6, atol=1e-7)  # the tolerance of the min-SNR test above
+    high_noise = snr + 1 <= gamma
+    assert high_noise.sum() >= 2 and (~high_noise).sum() >= 2  # both branches of the cap are exercised
+    if parameterization == "v":
+        a4, s4 = (v.float().view(-1, 1, 1, 1) for v in (a, s))
+        eps_hat = (a4 * x0 + s4 * noise - a4 * x0_hat) / s4
+        plain_v = (a4 * noise - s4 * x0 - (a4 * eps_hat - s4 * x0_hat)).pow(2).flatten(1).mean(1)
+        torch.testing.assert_close(loss[high_noise], plain_v[high_noise], rtol=2e-6, atol=1e-7)
+
+
 def test_uniform_weighting_is_the_plain_regression_loss():
     torch.manual_seed(1)
     schedule = NoiseSchedule.linear(1000)

@@ -73,12 +73,18 @@ def test_autoencoder_resume_is_exact_across_the_gan_start(tmp_path, shapes, one_
     assert again.scaling_factor == AutoencoderKL.from_pretrained(tmp_path / "whole").scaling_factor != 1.0
 
 
-def test_autoencoder_time_limit_stops_early_and_still_saves(tmp_path, shapes, one_thread) -> None:
+def test_autoencoder_time_limit_stops_early_and_still_saves(tmp_path, shapes, one_thread, monkeypatch) -> None:
+    import itertools
+
+    import difflab.training.trainer as trainer_module
+
+    clock = itertools.count()  # the trainer's clock advances 1 s per reading: 2 readings per step after the first
+    monkeypatch.setattr(trainer_module, "_now", lambda: float(next(clock)))
     kw = {"config": AE, "batch_size": 4, "scale_images": 8, "progress": False}
-    early = train_autoencoder(shapes, tmp_path / "run", steps=50, time_limit=0.0, **kw)
-    assert early.step == 0 and find_checkpoint(tmp_path / "run").name == "step_0000000"
+    early = train_autoencoder(shapes, tmp_path / "run", steps=50, time_limit=2.5, **kw)  # steps start at 0 s and 2 s
+    assert early.step == 2 and find_checkpoint(tmp_path / "run").name == "step_0000002"
     assert AutoencoderKL.from_pretrained(tmp_path / "run").scaling_factor == early.scaling_factor
-    assert train_autoencoder(shapes, tmp_path / "run", steps=2, resume=True, **kw).step == 2
+    assert train_autoencoder(shapes, tmp_path / "run", steps=3, resume=True, **kw).step == 3
 
 
 # ----- the NaN guard ---------------------------------------------------------------------------------------------

@@ -11,6 +11,11 @@ Weightings:
   i.e. min(SNR, gamma) / SNR on the eps loss, min(SNR, gamma) on the x0 loss and
   min(SNR, gamma) / (SNR + 1) on the v loss (conversion in
   :func:`difflab.process.x0_error_per_target_error`). gamma = 5 is the paper's default.
+- ``min_snr_v``: the x0-space weight min(SNR_t + 1, gamma): the uniform v loss (whose x0 weight is SNR + 1)
+  capped like min-SNR, i.e. min(1, gamma / (SNR + 1)) on the v loss. It keeps the v loss's full weight at
+  high noise, where the layout (position, colour) of a sample is decided and min-SNR's weight SNR / (SNR + 1)
+  vanishes, and min-SNR's cap at low noise (the "SNR + 1" form diffusers' training examples use for
+  v-prediction with min-SNR).
 
 Losses (``loss=``), Nichol & Dhariwal 2021 ("Improved DDPM"); L_t is the VLB term of index t
 (:func:`difflab.likelihood.vlb_term`: KL to the posterior for t >= 1, discretised decoder at t = 0) in bits/dim
@@ -69,6 +74,12 @@ def uniform_weight(snr: Tensor, parameterization: str, gamma: float) -> Tensor:
 def min_snr_weight(snr: Tensor, parameterization: str, gamma: float) -> Tensor:
     """min(SNR_t, gamma) on the x0 error, expressed on the parameterization's target (Hang et al. 2023)."""
     return snr.clamp(max=gamma) * x0_error_per_target_error(parameterization, snr)
+
+
+@register_weighting("min_snr_v")
+def min_snr_v_weight(snr: Tensor, parameterization: str, gamma: float) -> Tensor:
+    """min(SNR_t + 1, gamma) on the x0 error, expressed on the parameterization's target."""
+    return (snr + 1).clamp(max=gamma) * x0_error_per_target_error(parameterization, snr)
 
 
 WEIGHTINGS: tuple[str, ...] = tuple(_WEIGHTINGS)  # every registered weighting

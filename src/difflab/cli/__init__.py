@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("demo:demo", "Train a small text-to-image model on the built-in shapes and draw a grid for a few prompts."),
     "ema": ("ema:ema_command", "Rebuild RUN_DIR's model with any EMA length from its post-hoc EMA snapshots (Karras et al. 2024)."),
     "eval": ("eval:eval_command", "Score a model (sampled at one or more step counts) or a folder of images: FID, IS, PR, NLL, ..."),
+    "plot-log": ("plot_log:plot_log_command", "Plot RUN_DIR/log.jsonl: the smoothed training loss and, if logged, the prompt adherence against steps."),
     "sample": ("sample:sample", "Sample images from a trained model into a PNG grid."),
     "samplers": ("samplers:samplers", "List the samplers and their options."),
     "train": ("train:train", "Train a diffusion model; Ctrl-C saves a checkpoint first."),

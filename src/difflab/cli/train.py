@@ -19,6 +19,7 @@ from difflab.errors import UserError
 @click.option("--num-images", type=int, help="How many training images to use or generate.")
 @click.option("--data-dir", help="Folder with the MNIST / CIFAR-10 files.  [default: $DIFFLAB_DATA_DIR]")
 @click.option("--steps", type=int, help="Optimizer steps in total.  [default: 2000]")
+@click.option("--time-limit", type=float, metavar="SECONDS", help="Stop (and save) after this many seconds of training, even before --steps.  [default: none]")
 @click.option("--batch-size", type=int, help="Global batch size.  [default: 32]")
 @click.option("--lr", type=float, help="AdamW learning rate (after warm-up).  [default: 2e-4]")
 @click.option("--seed", type=int, help="Seed of everything random.  [default: 0]")
@@ -51,7 +52,8 @@ def train(config_path: str | None, out_dir: str, resume: bool, no_progress: bool
         _relaunch(click.get_current_context(), num_processes, accelerate_config)
 
     keys = {"dataset": "data.dataset", "resolution": "data.resolution", "num_images": "data.num_images",
-            "data_dir": "data.data_dir", "steps": "optim.steps", "batch_size": "optim.batch_size", "lr": "optim.lr",
+            "data_dir": "data.data_dir", "steps": "optim.steps", "time_limit": "optim.time_limit_s",
+            "batch_size": "optim.batch_size", "lr": "optim.lr",
             "seed": "seed", "parameterization": "objective.parameterization", "mixed_precision": "optim.mixed_precision",
             "learn_variance": "objective.learn_variance", "loss": "objective.loss", "timestep_sampling": "objective.timestep_sampling",
             "conditioning": "conditioning.kind", "cond_dropout": "conditioning.dropout", "text_encoder": "conditioning.text_encoder",
@@ -70,6 +72,9 @@ def train(config_path: str | None, out_dir: str, resume: bool, no_progress: bool
         return
     click.echo(f"trained {result.step} steps in {time.perf_counter() - started:.0f} s "
                f"(final loss {result.loss:.4f}, {result.images_per_second:.1f} images/s)")
+    if config.optim.time_limit_s is not None and result.step < config.optim.steps:
+        click.echo(f"stopped by the time limit ({config.optim.time_limit_s:g} s) at step {result.step} of "
+                   f"{config.optim.steps}; continue with --resume")
     click.echo(f"model written to {result.out_dir} (sample it with: difflab sample --model {result.out_dir})")
 
 

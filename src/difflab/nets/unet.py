@@ -32,6 +32,7 @@ from difflab.io.registry import register_network
 from difflab.nets.attention import CrossAttention, SelfAttention, check_context
 from difflab.nets.blocks import Downsample, ResBlock, Upsample, conv_nd, group_norm, silu
 from difflab.nets.embeddings import ClassEmbedding, TimestepEmbedding
+from difflab.nets.patches import patchify, unpatchify
 from difflab.nets.unet_config import EncoderConfig, UNetConfig
 
 __all__ = ["UNet", "UNetConfig", "UNetStage"]
@@ -131,8 +132,12 @@ class UNet(PretrainedModel, nn.Module):
         self.class_embed = ClassEmbedding(config.num_classes, emb_dim) if config.num_classes else None
         pooled_dim = config.pooled_context_dim
         self.pooled_proj = nn.Linear(pooled_dim, emb_dim) if pooled_dim else None
+        self.token_pool = nn.Sequential(nn.Linear(config.context_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)) \
+            if config.token_pooling else None
         self.aug_embed = TimestepEmbedding(config.base_channels, emb_dim) if config.aug_embedding else None
-        self.conv_in = conv_nd(dims, config.in_channels + config.concat_channels, chans[0], 3, padding=1)
+        fold = config.patch_size ** sum(config.resolved_downsample_axes())  # channels per input channel after patchify
+        inputs = config.in_channels + config.concat_channels + (dims if config.coordinate_channels else 0)
+        self.conv_in = conv_nd(dims, inputs * fold, chans[0], 3, padding=1)
 
         def stage(cin: int, cout: int, attention: bool) -> UNetStage:
             return UNetStage(cin, cout, emb_dim, config, attention, dims)
@@ -148,7 +153,7 @@ class UNet(PretrainedModel, nn.Module):
                 self.up.append(Upsample(ch, dims, out_channels=chans[level - 1], axes=config.downsample_axes))
                 ch = chans[level - 1]
         self.norm_out = group_norm(ch, config.norm_groups)
-        self.conv_out = conv_nd(dims, ch, config.resolved_out_channels, 3, padding=1)
+        self.conv_out = conv_nd(dims, ch, config.resolved_out_channels * fold, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
@@ -164,8 +169,8 @@ class UNet(PretrainedModel, nn.Module):
 
     @property
     def downsample_factor(self) -> int:
-        """Spatial sizes must be multiples of this: ``2 ** (len(channel_mults) - 1)``."""
-        return 2 ** (len(self.config.channel_mults) - 1)
+        """Downsampled sizes must be multiples of this: ``patch_size * 2 ** (len(channel_mults) - 1)``."""
+        return self.config.patch_size * 2 ** (len(self.config.channel_mults) - 1)
 
     def forward(
         self,
@@ -182,13 +187,16 @@ class UNet(PretrainedModel, nn.Module):
         """Predict the network output (e.g. the noise ``eps``) for ``x`` at timestep ``t``."""
         self._check_input(x)
         emb = self._embedding(x, t, class_labels, pooled_context)
+        mask = self._context(x, context, context_mask)
+        if self.token_pool is not None and context is not None:
+            emb = emb + masked_token_mean(self.token_pool(context), mask)
         if self.aug_embed is not None:  # aug_level None: the clean condition, level 0
             emb = emb + self.aug_embed(_timesteps(0.0 if aug_level is None else aug_level, x.shape[0], x.device))
         elif aug_level is not None:
             raise UserError("aug_level was given but the UNet has no augmentation embedding; set aug_embedding")
         emb = F.silu(emb)
-        mask = self._context(x, context, context_mask)
-        h = self.conv_in(self._join(x, concat))
+        patch, axes = self.config.patch_size, self.config.resolved_downsample_axes()
+        h = self.conv_in(patchify(self._with_coordinates(self._join(x, concat)), patch, axes))
         skips = [h]
         for block in self.down:
             h = block(h) if isinstance(block, Downsample) else self._run(block, h, emb, context, mask)
@@ -200,7 +208,7 @@ class UNet(PretrainedModel, nn.Module):
                 h = block(h)
             else:
                 h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context, mask)
-        return self.conv_out(silu(self.norm_out(h)))
+        return unpatchify(self.conv_out(silu(self.norm_out(h))), patch, axes)
 
     def _run(
         self, block: UNetStage, h: Tensor, emb: Tensor, context: Tensor | None, mask: Tensor | None
@@ -237,6 +245,14 @@ class UNet(PretrainedModel, nn.Module):
     def _check_input(self, x: Tensor) -> None:
         check_input(x, self.config, self.downsample_factor, "input")
 
+    def _with_coordinates(self, h: Tensor) -> Tensor:
+        """``h`` with one channel per spatial axis holding that axis' coordinate in [-1, 1] (if configured)."""
+        if not self.config.coordinate_channels:
+            return h
+        axes = [torch.linspace(-1.0, 1.0, size, device=h.device, dtype=h.dtype) for size in h.shape[2:]]
+        grids = torch.meshgrid(*axes, indexing="ij")
+        return torch.cat([h, torch.stack(grids).unsqueeze(0).expand(h.shape[0], -1, *h.shape[2:])], dim=1)
+
     def _join(self, x: Tensor, concat: Tensor | None) -> Tensor:
         """``x`` with the ``concat`` condition (upsampled to x's size) appended along channels."""
         want = self.config.concat_channels
@@ -267,8 +283,16 @@ def check_input(x: Tensor, config: EncoderConfig, f: int, what: str) -> None:
             nearest = f"{low} or {high}" if low else f"{high}"
             raise UserError(
                 f"spatial size {size} (input {tuple(x.shape[2:])}) is not divisible by {f} "
-                f"(= 2 ** (levels - 1)); resize or pad to {nearest}"
+                f"(the network's downsampling factor: patch_size * 2 ** (levels - 1)); resize or pad to {nearest}"
             )
+
+
+def masked_token_mean(tokens: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean of ``tokens`` ``(B, L, D)`` over the tokens that ``mask`` ``(B, L)`` keeps (all if None); an all-masked row gives 0."""
+    if mask is None:
+        return tokens.mean(dim=1)
+    keep = mask.to(tokens.dtype).unsqueeze(-1)
+    return (tokens * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1.0)
 
 
 def _timesteps(t: Tensor | float, batch: int, device: torch.device) -> Tensor:

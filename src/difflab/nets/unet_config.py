@@ -132,6 +132,15 @@ class UNetConfig(EncoderConfig):
         concat_resize: how a smaller ``concat`` is upsampled to x's size: bilinear (linear per axis), nearest or bicubic.
         aug_embedding: embed the concat condition's augmentation level ``aug_level`` like the timestep and add
             it to the time embedding (noise-conditioning augmentation, Ho et al. 2021).
+        patch_size: fold ``patch_size``-wide patches of the downsampled axes into channels before ``conv_in``
+            and unfold them after ``conv_out`` (:mod:`difflab.nets.patches`): the first level runs at
+            ``1 / patch_size`` of the resolution, so a 32x32 image costs like a 16x16 one at ``patch_size=2``.
+        coordinate_channels: append every position's coordinates along each spatial axis, in [-1, 1], as input
+            channels (CoordConv, Liu et al. 2018): the first layer knows absolute position, which convolutions
+            otherwise infer only from the zero padding.
+        token_pooling: add the masked mean of a learned two-layer MLP of the ``context`` tokens to the time
+            embedding (Deep Sets pooling, Zaheer et al. 2017; needs ``context_dim``): every word reaches every
+            block at first order, before cross-attention has learned where to look.
     """
 
     out_channels: int | None = None
@@ -142,9 +151,15 @@ class UNetConfig(EncoderConfig):
     concat_channels: int = 0
     concat_resize: str = "bilinear"
     aug_embedding: bool = False
+    patch_size: int = 1
+    coordinate_channels: bool = False
+    token_pooling: bool = False
 
     def _validate(self) -> None:
         super()._validate()
+        _require_positive("patch_size", self.patch_size)
+        if self.token_pooling and self.context_dim is None:
+            raise UserError("token_pooling=True needs context tokens; set context_dim (text conditioning) or drop token_pooling")
         if isinstance(self.concat_channels, bool) or not isinstance(self.concat_channels, int) or self.concat_channels < 0:
             raise UserError(f"concat_channels={self.concat_channels!r} is invalid; use an int >= 0 (0: no concat condition)")
         if self.concat_resize not in ("bilinear", "nearest", "bicubic"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,8 +91,10 @@ def network_fields(config: TrainConfig, dataset: Any, conditioner: Any) -> dict[
     return given
 
 
-def build_diffusion_training(config: TrainConfig, out_dir: str | Path, *, progress: bool = True) -> Any:
-    """A :class:`~difflab.training.Trainer` ready to run ``config`` into ``out_dir``."""
+def build_diffusion_training(config: TrainConfig, out_dir: str | Path, *, progress: bool = True,
+                             oracle_settings: dict[str, Any] | None = None) -> Any:
+    """A :class:`~difflab.training.Trainer` ready to run ``config`` into ``out_dir``; ``oracle_settings``
+    override :data:`~difflab.metrics.shapes_adherence.ORACLE_SETTINGS` of the previews' prompt adherence."""
     from difflab.pipelines.diffusion import DiffusionPipeline
     from difflab.schedules import NoiseSchedule
     from difflab.training.distributed import make_accelerator
@@ -116,9 +119,42 @@ def build_diffusion_training(config: TrainConfig, out_dir: str | Path, *, progre
                                  modality=modality, sampler=config.log.sampler, conditioner=conditioner,
                                  extra_config={"dataset": config.data.dataset}, vae=vae)
 
+    preview = preview_kwargs(config, dataset, conditioner)
     objective = DiffusionObjective(schedule, config.objective, conditioner, dropout=config.conditioning.dropout,
-                                   pipeline=pipeline, preview_kwargs=preview_kwargs(config, dataset, conditioner))
+                                   pipeline=pipeline, preview_kwargs=preview,
+                                   preview_metrics=adherence_metrics(config, preview, accelerator, oracle_settings))
     return Trainer(model, dataset, objective, config, out_dir, progress=progress, accelerator=accelerator)
+
+
+def adherence_metrics(config: TrainConfig, preview: dict[str, Any], accelerator: Any,
+                      oracle_settings: dict[str, Any] | None = None) -> Callable[[torch.Tensor], dict[str, float]] | None:
+    """The previews' scores for log.jsonl when training on the built-in shapes with text (``log.adherence``):
+    the shapes oracle's prompt adherence (``adherence_shape``, ``_color``, ``_shape_and_color``, ``_position``)
+    and its accuracy on real images (``oracle_<attribute>_accuracy``); None otherwise."""
+    c, log = config.conditioning, config.log
+    if not (log.adherence and log.sample_every and config.data.dataset == "shapes" and c.kind == "text"):
+        return None
+    if accelerator.num_processes > 1:  # the oracle would train on the main process alone, inside a collective run
+        warnings.warn("prompt adherence of the previews is logged in single-process runs only; score the model "
+                      "afterwards with `difflab eval`", UserWarning, stacklevel=3)
+        return None
+    from difflab.data.shapes_spec import parse_caption
+    from difflab.metrics.shapes_adherence import spec_adherence
+
+    specs = [parse_caption(p) for p in preview["prompt"]]
+    warned: list[bool] = []
+
+    def score(samples: torch.Tensor) -> dict[str, float]:
+        if samples.shape[-1] % 8 or samples.shape[-1] != samples.shape[-2]:
+            if not warned:
+                warned.append(True)
+                warnings.warn(f"no prompt adherence in log.jsonl: the shapes oracle reads square images whose side is a "
+                              f"multiple of 8, these are {tuple(samples.shape[-2:])}", UserWarning, stacklevel=2)
+            return {}
+        scores = spec_adherence(samples, specs, settings=oracle_settings)
+        return {k if k.startswith("oracle_") else f"adherence_{k}": v for k, v in scores.items()}
+
+    return score
 
 
 def preview_kwargs(config: TrainConfig, dataset: Any, conditioner: Any) -> dict[str, Any]:

@@ -41,7 +41,7 @@ class ConditioningConfig:
 @dataclass
 class ObjectiveConfig:
     parameterization: str = "eps"  # eps | x0 | v | edm (Karras et al. 2022 preconditioning)
-    weighting: str = "uniform"  # uniform | min_snr (Hang et al. 2023)
+    weighting: str = "uniform"  # uniform | min_snr (Hang et al. 2023) | min_snr_v (min(SNR + 1, gamma), see difflab.losses)
     min_snr_gamma: float = 5.0
     learn_variance: bool = False  # network outputs 2C channels: prediction and variance (Nichol & Dhariwal 2021)
     loss: str = "simple"  # simple | hybrid | vlb (hybrid needs learn_variance)
@@ -60,6 +60,7 @@ class OptimConfig:
     grad_accum_steps: int = 1  # micro-batches per step: same result, 1/N of the activation memory
     ema_decay: float = 0.999
     mixed_precision: str = "auto"  # auto (bf16 on a GPU that supports it, else no) | no | fp16 | bf16 (Accelerate)
+    time_limit_s: float | None = None  # seconds of training after which the run stops and saves (None: run all steps)
 
 
 @dataclass
@@ -70,6 +71,7 @@ class LogConfig:
     num_samples: int = 16
     sample_steps: int = 25
     sampler: str = "ddim"
+    adherence: bool = True  # shapes + text: the shapes oracle's prompt adherence of each preview, into log.jsonl
 
 
 @dataclass
@@ -114,6 +116,9 @@ class TrainConfig:
         _check(0 <= o.ema_decay < 1, "optim.ema_decay", o.ema_decay, "must lie in [0, 1)")
         _check(o.mixed_precision in ("auto", "no", "fp16", "bf16"), "optim.mixed_precision", o.mixed_precision,
                "use auto, no, fp16 or bf16")
+        _check(o.time_limit_s is None or (isinstance(o.time_limit_s, (int, float)) and not isinstance(o.time_limit_s, bool)
+                                          and o.time_limit_s > 0), "optim.time_limit_s", o.time_limit_s,
+               "give seconds > 0 (e.g. 3600), or null for no limit")
         _check(self.objective.parameterization in PARAMETERIZATIONS, "objective.parameterization",
                self.objective.parameterization, f"use one of {', '.join(PARAMETERIZATIONS)}")
         _check(self.objective.weighting in WEIGHTINGS, "objective.weighting", self.objective.weighting,

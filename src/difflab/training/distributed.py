@@ -10,16 +10,18 @@ machine has, fp16 on a CPU) are caught first and reported in one line.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
+from accelerate.state import AcceleratorState, GradientState, PartialState
 
 from difflab.errors import UserError
 
@@ -56,6 +58,19 @@ def make_accelerator(mixed_precision: str, *, cpu: bool = False) -> Accelerator:
     except (ValueError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"Accelerate cannot start on this machine ({first}); check `accelerate config` and --num-processes") from None
+
+
+@contextlib.contextmanager
+def nested_run() -> Iterator[None]:
+    """A training inside another one (an oracle trained at a preview): Accelerate keeps one global state, which
+    :func:`make_accelerator` resets for the inner run; the outer run's state is put back afterwards."""
+    saved = [(cls, dict(cls._shared_state)) for cls in (PartialState, AcceleratorState, GradientState)]
+    try:
+        yield
+    finally:
+        for cls, state in saved:
+            cls._shared_state.clear()
+            cls._shared_state.update(state)
 
 
 def check_accelerate_config(path: str | Path, num_processes: int | None, gpus: int | None = None) -> dict[str, Any]:

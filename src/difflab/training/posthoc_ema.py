@@ -36,7 +36,15 @@ from difflab.io.files import atomic_write
 FORMAT = "difflab.posthoc_ema/1"
 SNAPSHOT_DIR = "ema_snapshots"
 GAMMA_PEAK = (math.sqrt(5.0) - 3.0) / 2.0  # d sigma_rel / d gamma = 0 here: sigma_rel is largest
-MAX_FIT_ERROR = 0.05  # relative L2 error of the fitted profile above which a length counts as not reconstructable
+# Relative L2 error of the fitted averaging profile above which a length counts as not reconstructable.
+# Why 5 %: it is the distance between the exact profiles of two lengths about 6 % apart (sigma_rel 0.100 vs
+# 0.105 differ by 4.4 %, 0.050 vs 0.0525 by 3.8 %), so inside the limit the rebuilt average is as close to the
+# asked one as the EMA of a neighbouring length, much finer than the differences between the lengths one
+# compares (0.05, 0.07, 0.10, ...). Outside it the snapshots extrapolate and the error climbs steeply (docs/posthoc_ema.md: 20
+# snapshots per default tracker fit 0.03 to 2.6 % but 0.02 to 8.7 %), so the exact limit moves the edge of the
+# range little (there 1 % -> 0.038, 5 % -> 0.025, 10 % -> 0.019), while a much larger one would accept profiles
+# that are another length's (20 % is the distance from 0.10 to about 0.125).
+MAX_FIT_ERROR = 0.05
 
 
 def gamma_to_sigma_rel(gamma: float) -> float:
@@ -193,15 +201,40 @@ def solve_coefficients(gammas: Any, steps: Any, gamma: float, step: float) -> tu
     Solves the Gram system ``A c = b`` (``A_ij = <p_i, p_j>``, ``b_i = <p_i, p*>``) with ``lstsq`` after
     scaling every profile to unit norm. Returns (c, relative error ||fit - p*|| / ||p*||, absolute error).
     """
+    coeffs, relative, absolute = fit_profiles(gammas, steps, [gamma], step)
+    return coeffs[:, 0], float(relative[0]), float(absolute[0])
+
+
+def fit_profiles(gammas: Any, steps: Any, target_gammas: Any, step: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`solve_coefficients` for several targets at once (one column of ``c`` per target exponent at ``step``)."""
     gram = profile_inner_products(gammas, steps, gammas, steps)
-    rhs = profile_inner_products(gammas, steps, [gamma], [step])[:, 0]
-    target = float(profile_inner_products([gamma], [step], [gamma], [step])[0, 0])
+    targets = np.asarray(target_gammas, float)
+    at = np.full(len(targets), float(step))
+    rhs = profile_inner_products(gammas, steps, targets, at)
+    norms2 = np.diag(profile_inner_products(targets, at, targets, at))  # <p*, p*>, rounded as rhs is (err2 cancels)
     scale = 1.0 / np.sqrt(np.diag(gram))
-    scaled = np.linalg.lstsq(gram * scale[:, None] * scale[None, :], rhs * scale, rcond=None)[0]
-    coeffs = scaled * scale
-    err2 = float(coeffs @ gram @ coeffs - 2 * coeffs @ rhs + target)
-    absolute = math.sqrt(max(err2, 0.0))
-    return coeffs, absolute / math.sqrt(target), absolute
+    scaled = np.linalg.lstsq(gram * scale[:, None] * scale[None, :], rhs * scale[:, None], rcond=None)[0]
+    coeffs = scaled * scale[:, None]
+    err2 = np.array([c @ gram @ c - 2 * c @ b + t for c, b, t in zip(coeffs.T, rhs.T, norms2)])
+    absolute = np.sqrt(np.maximum(err2, 0.0))
+    return coeffs, absolute / np.sqrt(norms2), absolute
+
+
+def reconstructable_range(gammas: Any, steps: Any, step: float, max_fit_error: float = MAX_FIT_ERROR,
+                          num: int = 400) -> tuple[float, float] | None:
+    """The widest interval of EMA lengths whose profile at ``step`` the snapshots ``(gammas, steps)`` fit to
+    within ``max_fit_error``, on a log grid of ``num`` lengths in [0.001, 0.3003) (about 1.5 % apart), or None."""
+    grid = np.geomspace(1e-3, SIGMA_REL_MAX * (1 - 1e-6), num)
+    _, errors, _ = fit_profiles(gammas, steps, [sigma_rel_to_gamma(float(s)) for s in grid], step)
+    best, start = None, None
+    for i, ok in enumerate([*(errors <= max_fit_error), False]):
+        if ok and start is None:
+            start = i
+        elif not ok and start is not None:
+            if best is None or i - start > best[1] - best[0]:
+                best = (start, i)
+            start = None
+    return None if best is None else (float(grid[best[0]]), float(grid[best[1] - 1]))
 
 
 @dataclass
@@ -239,14 +272,27 @@ def reconstruct(snapshot_dir: str | Path, sigma_rel: float, step: int | None = N
                         f"choose a step in [{snaps[0].step}, {snaps[-1].step}]")
     coeffs, fit_error, profile_error = solve_coefficients([s.gamma for s in used], [s.step for s in used], gamma, step)
     if not fit_error <= max_fit_error:
-        trained = sorted({s.sigma_rel for s in used})
-        raise UserError(f"EMA length {sigma_rel} at step {step} is out of the reconstructable range: the snapshots "
-                        f"(sigma_rel {trained}) match its profile only to {fit_error:.1%} (limit {max_fit_error:.0%}); "
-                        "choose a length nearer the trained ones or a snapshot step")
+        raise UserError(_unreconstructable(sigma_rel, step, fit_error, max_fit_error, used, snaps))
     report = ReconstructionReport(sigma_rel, gamma, step, fit_error, profile_error,
                                   [{"file": s.path.name, "sigma_rel": s.sigma_rel, "step": s.step, "coefficient": float(c)}
                                    for s, c in zip(used, coeffs)])
     return combine_snapshots(used, coeffs), report
+
+
+def _unreconstructable(sigma_rel: float, step: int, fit_error: float, max_fit_error: float, used: list[Snapshot],
+                       snaps: list[Snapshot]) -> str:
+    """One line: why ``sigma_rel`` cannot be rebuilt at ``step``, and which lengths (or steps) can."""
+    trained = ", ".join(f"{s:g}" for s in sorted({s.sigma_rel for s in used}))
+    count = f"{len(used)} snapshot{'s' if len(used) > 1 else ''}"
+    head = (f"EMA length {sigma_rel:g} at step {step} is out of the reconstructable range: its averaging profile is "
+            f"fitted only to within {fit_error:.1%} (limit {max_fit_error:.0%}, --max-fit-error) by the {count} at or before "
+            f"that step (sigma_rel {trained})")
+    span = reconstructable_range([s.gamma for s in used], [s.step for s in used], step, max_fit_error)
+    if span is not None:
+        return f"{head}; lengths {span[0]:.3g} to {span[1]:.3g} can be reconstructed at step {step}"
+    near = sorted({used[-1].step, *[s.step for s in snaps if s.step > step][:1]})
+    return (f"{head}; no length can be reconstructed at step {step} from these snapshots: store more of them "
+            f"(posthoc_ema.snapshot_every) or use a snapshot step such as {' or '.join(map(str, near))} (--step)")
 
 
 def combine_snapshots(snaps: list[Snapshot], coeffs: Any) -> dict[str, Tensor]:

@@ -152,10 +152,12 @@ def fit_in_memory(model: torch.nn.Module, dataset: Any, objective: Any, config: 
                   out_dir: str | Path | None = None, *, resume: bool = False, progress: bool = True,
                   what: str = "a training run") -> tuple[torch.nn.Module, dict[str, Any]]:
     """:func:`fit` for a network kept in memory (metric networks): checkpoints in ``out_dir`` (default: a
-    temporary folder); returns the trained (EMA) model on the CPU and the last record of its log.jsonl."""
+    temporary folder); returns the trained (EMA) model on the CPU and the last record of its log.jsonl.
+    It may run inside another training (single-process), whose Accelerate state it leaves as it was."""
+    from difflab.training.distributed import nested_run
     from difflab.training.trainer import Trainer
 
-    with scratch_dir(out_dir) as out:
+    with nested_run(), scratch_dir(out_dir) as out:
         trainer, _ = fit(lambda: Trainer(model, dataset, objective, config, out, progress=progress), out,
                          {"config": config.to_dict(), "objective": objective.name}, resume=resume, what=what)
         log = out / "log.jsonl"

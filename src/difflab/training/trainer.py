@@ -37,6 +37,8 @@ from difflab.training.ema import EMA
 from difflab.training.objectives.base import Batch, Objective
 
 MAX_BAD_STEPS = 3
+# tqdm's own bar without its step-count ETA ({remaining}); the postfix carries the ETA that knows the time limit
+BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]"
 
 
 class TrainingInterrupted(Exception):
@@ -58,13 +60,18 @@ class Trainer:
     ``posthoc_ema`` sections, :class:`~difflab.training.config.TrainConfig`) says, into ``out_dir``.
 
     ``dataset`` yields items ``{"x", "cond", "mask"}`` and batches them with its ``collate``.
-    ``time_limit``: seconds after which :meth:`run` stops before ``optim.steps`` (the checkpoint is still saved).
+    ``time_limit``: seconds after which :meth:`run` stops before ``optim.steps`` (the checkpoint is still saved);
+    default ``optim.time_limit_s``. A limit that runs out before the run's first step is done is a :class:`UserError`.
+    The progress bar shows the smoothed loss, samples per second and the ETA of whichever ends first, the steps or the time.
     """
 
     def __init__(self, model: nn.Module, dataset: Any, objective: Objective, config: Any, out_dir: str | Path, *,
                  progress: bool = True, accelerator: Any = None, time_limit: float | None = None) -> None:
         self.config = config
-        self.time_limit = time_limit  # seconds of run() after which it stops early (and still saves)
+        # seconds of run() after which it stops early (and still saves); the argument wins over optim.time_limit_s
+        self.time_limit = time_limit if time_limit is not None else config.optim.time_limit_s
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise UserError(f"time limit {self.time_limit!r} s is not positive; give seconds > 0 (e.g. 3600) or none")
         self.out_dir = Path(out_dir)
         self.progress = progress
         self.accelerator = accelerator or make_accelerator(config.optim.mixed_precision)
@@ -72,6 +79,10 @@ class Trainer:
             ensure_writable_dir(self.out_dir)
         if len(dataset) < 1:
             raise UserError("the dataset is empty; give at least one training item")
+        if config.optim.batch_size > len(dataset):
+            raise UserError(f"optim.batch_size={config.optim.batch_size} is larger than the dataset ({len(dataset)} items), "
+                            f"so every batch would repeat items; lower optim.batch_size (--batch-size) to at most "
+                            f"{len(dataset)} or give more data (data.num_images, --num-images)")
         self.dataset = dataset
         self.objective = objective
         o = config.optim
@@ -223,30 +234,39 @@ class Trainer:
         self.smoothed = dict(state.get("smoothed", {}))
 
     def save_samples(self) -> Path | None:
-        """A preview of the EMA model (``OUT/samples/step_N.*``, the format the modality picks)."""
+        """A preview of the EMA model (``OUT/samples/step_N.*``, the format the modality picks); the scores of
+        its samples, if the objective gives any (e.g. prompt adherence), go into log.jsonl with the step."""
         if not self.accelerator.is_main_process:
             return None
         path = self.out_dir / "samples" / f"step_{self.step:07d}"
         path.parent.mkdir(exist_ok=True)
-        return self.objective.preview(self.ema.model, path)
+        preview = self.objective.preview(self.ema.model, path)
+        if preview is None:
+            return None
+        if preview.metrics:
+            self._log_line({"step": self.step, **preview.metrics})
+        return preview.path
 
     # ----- the loop ---------------------------------------------------------------------------
     def run(self) -> TrainResult:
         o, log = self.config.optim, self.config.log
         bar = tqdm(total=o.steps, initial=self.step, disable=not (self.progress and self.accelerator.is_main_process),
-                   desc="train", unit="step", dynamic_ncols=True)
-        started, start_step = time.perf_counter(), self.step
+                   desc="train", unit="step", dynamic_ncols=True, bar_format=BAR_FORMAT)
+        started, start_step = _now(), self.step
         previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
         try:
             while self.step < o.steps:
-                if self.time_limit is not None and time.perf_counter() - started > self.time_limit:
+                if self.step > start_step and self.time_limit is not None and self._elapsed(started) > self.time_limit:
                     break
                 loss = self.train_step(self.step)
                 self.step += 1
+                elapsed = self._elapsed(started)
+                if self.step == start_step + 1:
+                    self._check_time_for_one_step(elapsed)
                 self._update_posthoc_ema()
-                rate = (self.step - start_step) * o.batch_size / (time.perf_counter() - started)
+                rate = (self.step - start_step) * o.batch_size / max(elapsed, 1e-9)
                 bar.update(1)
-                bar.set_postfix(loss=f"{self.smoothed.get('loss', math.nan):.4f}", img_s=f"{rate:.1f}")
+                bar.set_postfix(self.progress_postfix(elapsed, start_step, rate))
                 self._log_line({"step": self.step, "loss": loss, **self.step_metrics, "images_per_second": rate,
                                 "skipped_steps": self.skipped_steps})
                 if log.checkpoint_every and self.step % log.checkpoint_every == 0 and self.step < o.steps:
@@ -258,17 +278,58 @@ class Trainer:
             self.save()
             raise TrainingInterrupted(f"interrupted at step {self.step}; checkpoint saved in {self.out_dir}; continue with --resume") from None
         finally:
+            bar.close()
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
-        bar.close()
         self.save()
-        rate = (self.step - start_step) * o.batch_size / max(time.perf_counter() - started, 1e-9)
+        rate = (self.step - start_step) * o.batch_size / max(_now() - started, 1e-9)
         return TrainResult(self.step, self.smoothed.get("loss", math.nan), rate, self.out_dir, dict(self.smoothed))
+
+    def _elapsed(self, started: float) -> float:
+        """Seconds since ``started``; with a time limit on several processes the slowest one's, so all stop together."""
+        elapsed = _now() - started
+        if self.time_limit is not None and self.accelerator.num_processes > 1:
+            elapsed = float(self.accelerator.gather(torch.tensor([elapsed], device=self.accelerator.device)).max())
+        return elapsed
+
+    def progress_postfix(self, elapsed: float, start_step: int, rate: float) -> dict[str, str]:
+        """The progress bar's smoothed loss, samples per second and ETA (:func:`eta`: steps or time limit, whichever ends first)."""
+        seconds, by_time = eta(self.step - start_step, self.config.optim.steps - self.step, elapsed, self.time_limit)
+        return {"loss": f"{self.smoothed.get('loss', math.nan):.4f}", "img_s": f"{rate:.1f}",
+                "eta": tqdm.format_interval(seconds) + (" (time limit)" if by_time else "")}
+
+    def _check_time_for_one_step(self, elapsed: float) -> None:
+        """A time limit that runs out during the run's first step would save a model without progress: refuse it."""
+        if self.time_limit is None or elapsed <= self.time_limit:
+            return
+        left = self.config.optim.steps - self.step + 1
+        raise UserError(f"the time limit of {self.time_limit:g} s ran out before the first training step finished "
+                        f"(it took {elapsed:.3g} s); give at least {math.ceil(elapsed):d} s for one step, about "
+                        f"{math.ceil(elapsed * left):d} s for all {left} steps (--time-limit, optim.time_limit_s); nothing was saved")
 
     def _log_line(self, record: dict[str, Any]) -> None:
         if self.accelerator.is_main_process:
             with open(self.out_dir / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def eta(steps_done: int, steps_left: int, elapsed: float, time_limit: float | None) -> tuple[float, bool]:
+    """Seconds until the run ends, and whether the time limit (not the step count) ends it.
+
+    At the mean step time ``elapsed / steps_done`` so far: a step starts while ``elapsed <= time_limit``
+    (:meth:`Trainer.run`), so ``floor((time_limit - elapsed) / step_time) + 1`` more steps fit in the budget.
+    """
+    step_time = elapsed / max(steps_done, 1)
+    if time_limit is not None and step_time > 0:
+        in_budget = math.floor((time_limit - elapsed) / step_time) + 1 if elapsed <= time_limit else 0
+        if in_budget < steps_left:
+            return in_budget * step_time, True
+    return steps_left * step_time, False
+
+
+def _now() -> float:
+    """The trainer's clock (seconds; a function so that tests can replace it)."""
+    return time.perf_counter()
 
 
 def _batch_size(batch: Batch) -> int:

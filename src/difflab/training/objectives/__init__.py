@@ -10,11 +10,11 @@
 """
 
 from difflab.training.objectives.autoencoder import AutoencoderObjective
-from difflab.training.objectives.base import Objective
+from difflab.training.objectives.base import Objective, Preview
 from difflab.training.objectives.contrastive import ContrastiveObjective
 from difflab.training.objectives.cross_entropy import CrossEntropyObjective
 from difflab.training.objectives.diffusion import DiffusionObjective
 from difflab.training.objectives.noisy_classifier import NoisyClassifierObjective
 
 __all__ = ["AutoencoderObjective", "ContrastiveObjective", "CrossEntropyObjective", "DiffusionObjective",
-           "NoisyClassifierObjective", "Objective"]
+           "NoisyClassifierObjective", "Objective", "Preview"]

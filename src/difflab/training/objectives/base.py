@@ -14,6 +14,7 @@ run on N processes sees exactly what one process with the whole batch sees:
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,15 @@ import torch
 from torch import Tensor, nn
 
 Batch = dict[str, Any]
+
+
+@dataclass
+class Preview:
+    """What :meth:`Objective.preview` wrote (``path``) and scores of its samples (``metrics``, e.g. prompt
+    adherence), which the trainer writes into log.jsonl with the step."""
+
+    path: Path | None
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 class Objective:
@@ -57,8 +67,9 @@ class Objective:
         """Extra keys for the exported ``config.json`` (provenance, schedule, ...)."""
         return {}
 
-    def preview(self, model: nn.Module, path: Path) -> Path | None:
-        """Write a preview of what the model makes now to ``path`` (no suffix; the modality picks it), or None."""
+    def preview(self, model: nn.Module, path: Path) -> Preview | None:
+        """Write a preview of what the model makes now to ``path`` (no suffix; the modality picks it) and score
+        it (:class:`Preview`), or None."""
         return None
 
     def metrics(self, terms: dict[str, Tensor]) -> dict[str, float]:

@@ -18,19 +18,21 @@ from torch import Tensor, nn
 from difflab.conditioning import drop_mask
 from difflab.losses import diffusion_loss
 from difflab.schedules import NoiseSchedule
-from difflab.training.objectives.base import Batch, Objective
+from difflab.training.objectives.base import Batch, Objective, Preview
 from difflab.training.timesteps import make_timestep_sampler
 
 
 class DiffusionObjective(Objective):
     """``pipeline(model)`` builds the sampling pipeline of a network (for the exported folder and previews);
-    ``preview_kwargs`` are the pipeline's call arguments for the preview grid."""
+    ``preview_kwargs`` are the pipeline's call arguments for the preview grid; ``preview_metrics(samples)``,
+    if given, scores the preview's samples for log.jsonl (e.g. the shapes oracle's prompt adherence)."""
 
     name = "diffusion"
 
     def __init__(self, schedule: NoiseSchedule, objective: Any, conditioner: Any, *, dropout: float = 0.1,
                  space: Any = None, pipeline: Callable[[nn.Module], Any] | None = None,
-                 preview_kwargs: dict[str, Any] | None = None) -> None:
+                 preview_kwargs: dict[str, Any] | None = None,
+                 preview_metrics: Callable[[Tensor], dict[str, float]] | None = None) -> None:
         from difflab.space import Space
 
         self.schedule = schedule
@@ -41,6 +43,7 @@ class DiffusionObjective(Objective):
         self.timestep_sampler = make_timestep_sampler(objective.timestep_sampling, schedule)
         self.pipeline = pipeline
         self.preview_kwargs = dict(preview_kwargs or {})
+        self.preview_metrics = preview_metrics
 
     def prepare(self, batch: Batch, generator: torch.Generator) -> Batch:
         x0 = batch["x"]
@@ -73,9 +76,10 @@ class DiffusionObjective(Objective):
     def export(self, model: nn.Module, out_dir: Path) -> None:
         self.pipeline(model).save_pretrained(out_dir)
 
-    def preview(self, model: nn.Module, path: Path) -> Path | None:
+    def preview(self, model: nn.Module, path: Path) -> Preview:
         pipe = self.pipeline(model)
         out = pipe(seed=0, progress=False, **self.preview_kwargs)
         from difflab.modalities import get_modality
 
-        return get_modality(pipe.modality).preview(out.samples, path)
+        written = get_modality(pipe.modality).preview(out.samples, path)
+        return Preview(written, self.preview_metrics(out.samples) if self.preview_metrics else {})
