@@ -75,6 +75,7 @@ def worker(spec_path: Path) -> None:
     result: dict[str, Any] = {"affinity": sorted(os.sched_getaffinity(0)), "threads": torch.get_num_threads()}
     if spec["role"] == "reference":
         _, images = dl.training_images(config)
+        images = images[: spec.get("reference_images") or len(images)]  # the first N, as --reference-images says
         path, count = dl.reference_stats(images, out, spec["name"], job["device"])
         result.update(path=str(path), count=count)
     elif spec["role"] == "train" and spec["lib"] == "difflab":
@@ -188,8 +189,8 @@ def run_dataset(args: argparse.Namespace) -> dict[str, Any]:
     smallest = min(args.budgets)
     config = difflab_config(args, smallest, 0)
     data_id = hashlib.sha1(json.dumps(config["data"], sort_keys=True).encode()).hexdigest()[:8]
-    ref_spec = {"role": "reference", "name": f"{args.dataset}-train-n{args.num_images or 'all'}-{data_id}",
-                "config": config, "threads": args.threads}
+    ref_spec = {"role": "reference", "config": config, "threads": args.threads, "reference_images": args.reference_images,
+                "name": f"{args.dataset}-train-n{args.num_images or 'all'}-ref{args.reference_images or 'all'}-{data_id}"}
     print(f"[{args.dataset}] reference statistics", flush=True)
     reference = wait(launch(ref_spec, work / "fid_reference", args.cores, args.eval_device))
     runs: dict[tuple[str, float], dict[str, Any]] = {}
@@ -226,6 +227,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
             "difflab_sampler": args.difflab_sampler, "diffusers_sampler": "DPMSolverMultistepScheduler dpmsolver++ order 2",
             "cores": args.cores, "cores_b": args.cores_b, "parallel": args.parallel, "threads": args.threads,
             "snapshot_every": args.snapshot_every, "num_images": args.num_images, "smoke": args.smoke,
+            "reference_images": args.reference_images,
             "command": " ".join(["python bench/bench_time_to_quality.py", *sys.argv[1:]]),
             "date": time.strftime("%Y-%m-%d %H:%M"), "cpu": _cpu_name()}
 
@@ -273,6 +275,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--nfe", type=int, default=20, help="sampling steps (network evaluations) for both")
     p.add_argument("--snapshot-every", type=int, default=100, help="steps between EMA snapshots in the smallest budget")
     p.add_argument("--num-images", type=int, default=None, help="training images (default: all 10k)")
+    p.add_argument("--reference-images", type=int, default=None,
+                   help="FID reference: the first N training images (default all; fewer is quicker, biased the same for both)")
     p.add_argument("--data-dir", default=None, help="default ../shared/data/<dataset>")
     p.add_argument("--eval-device", default="cpu", help="device for sampling + FID (not part of any budget)")
     p.add_argument("--out", default=None, help="results JSON (default runs/bench_ttq/results.json)")

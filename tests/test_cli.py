@@ -99,3 +99,12 @@ def test_config_top_level_not_a_mapping(tmp_path, capsys, text, kind):
     cfg.write_text(text)
     assert_user_error(["train", "--config", str(cfg), "--out", str(tmp_path / "run")], capsys,
                       f"config file {cfg} must be a mapping of sections (seed, data, model, ...), {kind}")
+
+
+def test_the_weighting_flag_offers_every_registered_weighting():
+    """The CLI lists the choices by hand (it must not import torch to start); they must match the registry."""
+    from difflab.cli.train import train as train_command
+    from difflab.losses import WEIGHTINGS
+
+    option = next(p for p in train_command.params if p.name == "weighting")
+    assert set(option.type.choices) == set(WEIGHTINGS)

@@ -2,7 +2,8 @@
 
 The score is prompt adherence: a shapes oracle (:mod:`difflab.metrics.shapes_oracle`), trained on real
 rendered shapes, reads the shape and colour of every generated image, and the demo reports how many
-match their prompt, beside the oracle's own accuracy on real images.
+match their prompt, and how many put the shape where the prompt says, beside the oracle's own accuracy on
+real images.
 """
 
 from __future__ import annotations
@@ -39,16 +40,18 @@ def demo_config_path() -> Path:
 
 
 def prompt_adherence(samples: torch.Tensor, prompts: list[str], resolution: int) -> dict[str, float]:
-    """Fraction of samples whose shape, colour (and both) the shapes oracle reads as their prompt says."""
+    """Fraction of samples whose shape, colour, both, and position the shapes oracle reads as their prompt says."""
     from difflab.metrics.shapes_adherence import spec_adherence  # the oracle of the training previews, reused
 
     return spec_adherence(samples, [parse_caption(p) for p in prompts], resolution)
 
 
 def run_demo(out_dir: Path, *, steps: int | None = None, per_prompt: int = 8, sampler: str = "dpmpp_2m",
-             sampling_steps: int = 20, guidance_scale: float = 3.0) -> dict[str, Any]:
-    """Train (``steps`` overrides the config), sample a prompt-per-row grid into ``out_dir/samples.png``, score it."""
-    config = load_config(demo_config_path(), {"optim.steps": steps})
+             sampling_steps: int = 20, guidance_scale: float = 3.0,
+             overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train (``steps`` and dotted-key ``overrides`` change the config), sample a prompt-per-row grid into
+    ``out_dir/samples.png``, score it."""
+    config = load_config(demo_config_path(), {**(overrides or {}), "optim.steps": steps})
     started = time.perf_counter()
     result = train(config, out_dir)
     train_seconds = time.perf_counter() - started
@@ -62,6 +65,7 @@ def run_demo(out_dir: Path, *, steps: int | None = None, per_prompt: int = 8, sa
     to_pil_grid(out.samples, nrow=per_prompt).save(grid)
     (out_dir / "prompts.txt").write_text("".join(f"row {i + 1}: {p}\n" for i, p in enumerate(DEMO_PROMPTS)))
     return {"grid": grid, "train_seconds": train_seconds, "steps": result.step, "loss": result.loss,
+            "parameters": sum(p.numel() for p in pipe.unet.parameters()), "num_images": config.data.num_images,
             "ms_per_image": ms_per_image, "nfe": out.nfe, "sampler": sampler, "guidance_scale": guidance_scale,
             "adherence": prompt_adherence(out.samples, prompts, pipe.resolution)}
 
@@ -73,10 +77,12 @@ def demo(out_dir: str, steps: int | None) -> None:
     """Train a small text-to-image model on the built-in shapes and draw a grid for a few prompts."""
     f = run_demo(Path(out_dir), steps=steps)
     a = f["adherence"]
-    click.echo(f"trained {f['steps']} steps in {f['train_seconds']:.0f} s, final loss {f['loss']:.4f}")
+    click.echo(f"trained a {f['parameters'] / 1e6:.1f}M-parameter text-to-image UNet on {f['num_images']} captioned shapes: "
+               f"{f['steps']} steps in {f['train_seconds']:.0f} s, final loss {f['loss']:.4f}")
     click.echo(f"sampled with {f['sampler']} (guidance {f['guidance_scale']:g}): {f['nfe']} network evaluations, "
                f"{f['ms_per_image']:.0f} ms per image")
     click.echo(f"prompt adherence: {100 * a['shape_and_color']:.0f}% of samples have their prompt's shape and colour "
-               f"(shape {100 * a['shape']:.0f}%, colour {100 * a['color']:.0f}%; judged by an oracle that reads real "
-               f"shapes {100 * a['oracle_shape_accuracy']:.1f}% / colours {100 * a['oracle_color_accuracy']:.1f}% right)")
+               f"(shape {100 * a['shape']:.0f}%, colour {100 * a['color']:.0f}%), {100 * a['position']:.0f}% its position; "
+               f"judged by an oracle that reads real shapes {100 * a['oracle_shape_accuracy']:.1f}%, colours "
+               f"{100 * a['oracle_color_accuracy']:.1f}% and positions {100 * a['oracle_position_accuracy']:.1f}% right")
     click.echo(f"sample grid written to {f['grid']} (one prompt per row: {Path(out_dir) / 'prompts.txt'})")

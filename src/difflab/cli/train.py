@@ -36,7 +36,7 @@ from difflab.errors import UserError
 @click.option("--autoencoder", help="A `difflab train-autoencoder` folder: train a latent diffusion model on its latents.")
 @click.option("--grad-accum-steps", type=int, help="Micro-batches per optimizer step (same result, less memory).  [default: 1]")
 @click.option("--keep-checkpoints", type=int, help="Newest checkpoints kept in OUT/checkpoints.  [default: 3]")
-@click.option("--weighting", type=click.Choice(["uniform", "min_snr"]), help="Loss weighting over noise levels.  [default: uniform]")
+@click.option("--weighting", type=click.Choice(["uniform", "min_snr", "min_snr_v"]), help="Loss weighting over noise levels.  [default: uniform]")
 @click.option("--num-processes", type=int, default=None, help="Train on N local processes (GPUs, or CPU processes with gloo).")
 @click.option("--accelerate-config", type=click.Path(dir_okay=False), default=None, help="An `accelerate config` file to launch with (multi-node, FSDP, DeepSpeed); needs --num-processes.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder: model, checkpoints, samples, log.")
