@@ -6,7 +6,8 @@ from torch.nn import functional as F
 
 from difflab.errors import UserError
 from difflab.nets.patches import patchify, unpatchify
-from difflab.nets.unet import UNet, masked_token_mean
+from difflab.nets.text_base import masked_mean
+from difflab.nets.unet import UNet
 from difflab.nets.unet_config import UNetConfig
 
 
@@ -67,7 +68,7 @@ def test_coordinates_break_translation_equivariance():
 def test_token_pooling_is_a_masked_mean_and_needs_context():
     tokens = torch.randn(2, 5, 4)
     mask = torch.tensor([[True, True, False, False, False], [True, True, True, True, True]])
-    torch.testing.assert_close(masked_token_mean(tokens, mask), torch.stack([tokens[0, :2].mean(0), tokens[1].mean(0)]))
+    torch.testing.assert_close(masked_mean(tokens, mask), torch.stack([tokens[0, :2].mean(0), tokens[1].mean(0)]))
     net = UNet(UNetConfig(base_channels=16, channel_mults=(1,), attention_levels=(0,), norm_groups=8, context_dim=4,
                           token_pooling=True)).eval()
     torch.nn.init.normal_(net.conv_out.weight)

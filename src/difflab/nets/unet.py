@@ -33,6 +33,7 @@ from difflab.nets.attention import CrossAttention, SelfAttention, check_context
 from difflab.nets.blocks import Downsample, ResBlock, Upsample, conv_nd, group_norm, silu
 from difflab.nets.embeddings import ClassEmbedding, TimestepEmbedding
 from difflab.nets.patches import patchify, unpatchify
+from difflab.nets.text_base import masked_mean
 from difflab.nets.unet_config import EncoderConfig, UNetConfig
 
 __all__ = ["UNet", "UNetConfig", "UNetStage"]
@@ -189,7 +190,8 @@ class UNet(PretrainedModel, nn.Module):
         emb = self._embedding(x, t, class_labels, pooled_context)
         mask = self._context(x, context, context_mask)
         if self.token_pool is not None and context is not None:
-            emb = emb + masked_token_mean(self.token_pool(context), mask)
+            tokens = self.token_pool(context)
+            emb = emb + (tokens.mean(dim=1) if mask is None else masked_mean(tokens, mask))
         if self.aug_embed is not None:  # aug_level None: the clean condition, level 0
             emb = emb + self.aug_embed(_timesteps(0.0 if aug_level is None else aug_level, x.shape[0], x.device))
         elif aug_level is not None:
@@ -285,14 +287,6 @@ def check_input(x: Tensor, config: EncoderConfig, f: int, what: str) -> None:
                 f"spatial size {size} (input {tuple(x.shape[2:])}) is not divisible by {f} "
                 f"(the network's downsampling factor: patch_size * 2 ** (levels - 1)); resize or pad to {nearest}"
             )
-
-
-def masked_token_mean(tokens: Tensor, mask: Tensor | None) -> Tensor:
-    """Mean of ``tokens`` ``(B, L, D)`` over the tokens that ``mask`` ``(B, L)`` keeps (all if None); an all-masked row gives 0."""
-    if mask is None:
-        return tokens.mean(dim=1)
-    keep = mask.to(tokens.dtype).unsqueeze(-1)
-    return (tokens * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1.0)
 
 
 def _timesteps(t: Tensor | float, batch: int, device: torch.device) -> Tensor:
