@@ -7,7 +7,8 @@ Usage (one thread per run, two runs at a time, one per core, as the table was me
         --threads 1 --guidance 3
 ``--x0-offset C`` trains with the x0 weight min(SNR + C, gamma) (C = 0: min-SNR, C = 1: ``min_snr_v``), a
 weighting this script registers for the ablation only. One JSON line per guidance scale is appended to
-``runs/demo_ablation/results.jsonl``.
+``runs/demo_ablation/results.jsonl``. The check on fresh captions of the committed demo:
+    python bench/bench_demo_ablation.py fresh 0 --model runs/demo --held-count 256 --held-seed 2026 --sample-seed 1 --threads 2
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ def main() -> None:
     p.add_argument("--guidance", type=float, nargs="+", default=[3.0])
     p.add_argument("--x0-offset", type=float, default=None)
     p.add_argument("--out", type=Path, default=Path("runs/demo_ablation"))
+    p.add_argument("--model", type=Path, default=None, help="score this trained folder (e.g. runs/demo) instead of training")
+    p.add_argument("--held-count", type=int, default=64, help="held-out captions (sample_specs(N, seed))")
+    p.add_argument("--held-seed", type=int, default=777)
+    p.add_argument("--sample-seed", type=int, default=0)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     overrides = json.loads(args.overrides)
@@ -51,19 +56,22 @@ def main() -> None:
     from difflab.recipes import train
     from difflab.training import load_config
 
-    run = args.out / args.name
-    config = load_config(demo_config_path(), {**overrides, "optim.steps": args.steps, "log.sample_every": args.steps,
-                                              "log.checkpoint_every": args.steps})
-    started = time.perf_counter()
-    train(config, run)
-    train_s = time.perf_counter() - started
+    run, train_s = args.model or args.out / args.name, None
+    if args.model is None:
+        config = load_config(demo_config_path(), {**overrides, "optim.steps": args.steps,
+                                                  "log.sample_every": args.steps, "log.checkpoint_every": args.steps})
+        started = time.perf_counter()
+        train(config, run)
+        train_s = round(time.perf_counter() - started, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
     pipe = DiffusionPipeline.from_pretrained(run)
-    sets = {"demo": [q for q in DEMO_PROMPTS for _ in range(8)], "held": [caption(s) for s in sample_specs(64, seed=777)]}
+    sets = {"demo": [q for q in DEMO_PROMPTS for _ in range(8)],
+            "held": [caption(s) for s in sample_specs(args.held_count, seed=args.held_seed)]}
     for w in args.guidance:
         row = {"name": args.name, "steps": args.steps, "overrides": overrides, "x0_offset": args.x0_offset,
-               "threads": args.threads, "train_s": round(train_s, 1), "guidance": w}
+               "threads": args.threads, "train_s": train_s, "guidance": w, "held_seed": args.held_seed}
         for tag, prompts in sets.items():
-            out = pipe(num_images=len(prompts), num_inference_steps=20, sampler="dpmpp_2m", seed=0, prompt=prompts,
+            out = pipe(num_images=len(prompts), num_inference_steps=20, sampler="dpmpp_2m", seed=args.sample_seed, prompt=prompts,
                        guidance_scale=w, progress=False)
             scores = spec_adherence(out.samples, [parse_caption(q) for q in prompts], pipe.resolution)
             row[tag] = {k: round(v, 3) for k, v in scores.items() if not k.startswith("oracle")}
