@@ -158,6 +158,14 @@ def q_sample(schedule: NoiseSchedule, x0: Tensor, t: Tensor, noise: Tensor) -> T
 
 
 # ----- posterior and reverse process ----------------------------------------------------------
+def transition(x_s: Tensor, alpha_s: float, sigma_s: float, alpha_t: float, sigma_t: float) -> Gaussian:
+    """q(x_t | x_s) for any s < t of a VP process: N(alpha_{t|s} x_s, sigma_{t|s}^2 I) with alpha_{t|s} = alpha_t /
+    alpha_s and sigma_{t|s}^2 = sigma_t^2 - alpha_{t|s}^2 sigma_s^2 (Kingma et al. 2021, eq. 22-23): the noise of
+    many forward steps in one draw (RePaint's jumps back in time)."""
+    alpha_ts = alpha_t / alpha_s
+    return Gaussian(alpha_ts * x_s, sigma_t**2 - alpha_ts**2 * sigma_s**2)
+
+
 def posterior(
     x_t: Tensor, x0: Tensor, alpha_s: Tensor, sigma_s: Tensor, alpha_t: Tensor, sigma_t: Tensor
 ) -> Gaussian:

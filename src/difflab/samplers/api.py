@@ -38,7 +38,7 @@ class SampleResult(NamedTuple):
     nfe: int
 
 
-class _Tracked:
+class TrackedDenoiser:
     """The denoiser as a sampler sees it: binds ``cond``, holds the step ``callback`` and ticks a progress
     bar on each evaluation.
 
@@ -164,7 +164,7 @@ def sample(
     source = ProjectedNoise(NoiseSource.from_any(generator, noise.shape[0]), denoiser.space)
     start = denoiser.nfe
     total = expected_nfe(name, len(grid_t) - 1, **options)
-    tracked = _Tracked(denoiser, dict(cond or {}), name, total, progress, callback)
+    tracked = TrackedDenoiser(denoiser, dict(cond or {}), name, total, progress, callback)
     try:
         x = fn(tracked, noise, grid_t, source, **options)
     finally:

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from difflab.denoiser import Denoiser
 from difflab.noise import NoiseSource
-from difflab.samplers._common import after_step, check_eta, steps
+from difflab.samplers._common import Point, after_step, check_eta, steps
 from difflab.samplers.registry import register_sampler
 
 
@@ -22,10 +22,16 @@ def ddim(denoiser: Denoiser, x: Tensor, timesteps: Tensor, noise: NoiseSource, *
     """DDIM sampling with noise level ``eta`` in [0, 1] (Song et al. 2021a, eq. 12 and 16)."""
     check_eta(eta)
     for i, cur, nxt in steps(denoiser.schedule, timesteps):
-        out = denoiser(x, cur.t)
-        c = eta * nxt.sigma / cur.sigma * math.sqrt(max(1.0 - (cur.alpha / nxt.alpha) ** 2, 0.0))
-        x = nxt.alpha * out.x0 + math.sqrt(max(nxt.sigma**2 - c**2, 0.0)) * out.eps
-        if c > 0.0:
-            x = x + c * noise.like(x)
-        x = after_step(denoiser, i, x, out.x0)
+        x, x0 = ddim_step(denoiser, x, cur, nxt, noise, eta)
+        x = after_step(denoiser, i, x, x0)
     return x
+
+
+def ddim_step(denoiser: Denoiser, x: Tensor, cur: Point, nxt: Point, noise: NoiseSource, eta: float = 0.0) -> tuple[Tensor, Tensor]:
+    """One DDIM step from ``cur`` to ``nxt`` (eq. 12 with c of eq. 16), and the x0 estimate it used."""
+    out = denoiser(x, cur.t)
+    c = eta * nxt.sigma / cur.sigma * math.sqrt(max(1.0 - (cur.alpha / nxt.alpha) ** 2, 0.0))
+    x = nxt.alpha * out.x0 + math.sqrt(max(nxt.sigma**2 - c**2, 0.0)) * out.eps
+    if c > 0.0:
+        x = x + c * noise.like(x)
+    return x, out.x0

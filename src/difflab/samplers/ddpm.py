@@ -21,7 +21,7 @@ from difflab.denoiser import Denoiser
 from difflab.errors import UserError
 from difflab.noise import NoiseSource
 from difflab.process import interpolate_log_variance, posterior
-from difflab.samplers._common import after_step, steps
+from difflab.samplers._common import Point, after_step, steps
 from difflab.samplers.registry import register_sampler
 
 
@@ -35,22 +35,33 @@ def ddpm(
     A classifier-guided denoiser of ``form="mean"`` shifts each noisy step's mean by ``s Sigma grad log p(y|x_t)``
     (Dhariwal & Nichol 2021, Alg. 1).
     """
+    check_variance(variance)
+    for i, cur, nxt in steps(denoiser.schedule, timesteps):
+        x, x0 = ddpm_step(denoiser, x, cur, nxt, noise, variance)
+        x = after_step(denoiser, i, x, x0)
+    return x
+
+
+def check_variance(variance: str) -> None:
     if variance not in ("small", "large"):
         raise UserError(f"unknown variance {variance!r}; use 'small' (beta-tilde) or 'large' (beta)")
+
+
+def ddpm_step(denoiser: Denoiser, x: Tensor, cur: Point, nxt: Point, noise: NoiseSource,
+              variance: Literal["small", "large"] = "small") -> tuple[Tensor, Tensor]:
+    """One ancestral step from ``cur`` to ``nxt``: a draw from p(x_s | x_t) (the module docstring), and the x0
+    estimate it used. Into the clean end it returns the posterior mean, which is the x0 estimate."""
+    out = denoiser(x, cur.t)
+    post = posterior(x, out.x0, nxt.alpha, nxt.sigma, cur.alpha, cur.sigma)
+    if nxt.clean:
+        return post.mean, out.x0
+    beta = 1.0 - (cur.alpha / nxt.alpha) ** 2
+    if out.var_interp is not None:  # learned: log var interpolated on this step (Nichol & Dhariwal 2021, sec. 4)
+        log_var = interpolate_log_variance(out.var_interp, math.log(post.var), math.log(beta))
+        var, std = log_var.exp(), (0.5 * log_var).exp()
+    else:
+        var = post.var if variance == "small" else beta
+        std = math.sqrt(var)
     shift = getattr(denoiser, "ancestral_shift", None) if getattr(denoiser, "form", "eps") == "mean" else None
-    for i, cur, nxt in steps(denoiser.schedule, timesteps):
-        out = denoiser(x, cur.t)
-        post = posterior(x, out.x0, nxt.alpha, nxt.sigma, cur.alpha, cur.sigma)
-        if nxt.clean:
-            x = after_step(denoiser, i, post.mean, out.x0)
-            continue
-        beta = 1.0 - (cur.alpha / nxt.alpha) ** 2
-        if out.var_interp is not None:  # learned: log var interpolated on this step (Nichol & Dhariwal 2021, sec. 4)
-            log_var = interpolate_log_variance(out.var_interp, math.log(post.var), math.log(beta))
-            var, std = log_var.exp(), (0.5 * log_var).exp()
-        else:
-            var = post.var if variance == "small" else beta
-            std = math.sqrt(var)
-        mean = post.mean if shift is None else shift(x, cur.t, post.mean, var)  # classifier guidance, Alg. 1
-        x = after_step(denoiser, i, mean + std * noise.like(x), out.x0)
-    return x
+    mean = post.mean if shift is None else shift(x, cur.t, post.mean, var)  # classifier guidance, Alg. 1
+    return mean + std * noise.like(x), out.x0
