@@ -22,6 +22,10 @@ two networks then have nearly the same parameters and FLOPs (left over: diffuser
 coarse width and its first decoder block per level is wider), so their throughput ratio isolates the
 implementation from the architecture.
 
+``--difflab-formats`` times difflab's UNet alone in three forms: contiguous, channels-last, and channels-last
+under ``torch.compile`` (inductor, default mode; compilation happens in the warm-up iterations and is not
+timed), with ratios against the contiguous one: whether the trainer should switch either on for a CPU.
+
 ``--precision bf16`` runs both models under bf16 autocast (as ``mixed_precision: bf16`` does in training)
 and measures the peak as the best bf16 ``torch.mm``; ``--grad-checkpointing`` turns on difflab's
 activation recomputation (diffusers' UNet2DModel is timed without it).
@@ -32,6 +36,7 @@ Usage:
     python bench/bench_unet.py --iters 10 --threads 2
     python bench/bench_unet.py --preset tiny32 --no-diffusers   # the demo model alone
     python bench/bench_unet.py --diffusers-layout difflab      # like for like: same layout, same FLOPs
+    python bench/bench_unet.py --preset patch32 --difflab-formats --threads 1 --warmup 3   # memory format, compile
 """
 
 from __future__ import annotations
@@ -156,6 +161,20 @@ def make_entries(config: UNetConfig, with_diffusers: bool = True, layout: str = 
     return entries
 
 
+def difflab_format_entries(config: UNetConfig) -> list[Entry]:
+    """difflab's UNet contiguous, channels-last, and channels-last compiled (same initial weights)."""
+    entries = []
+    for name, channels_last, compiled in (("contiguous", False, False), ("channels_last", True, False),
+                                          ("channels_last + torch.compile", True, True)):
+        torch.manual_seed(0)
+        net = UNet(config)
+        if channels_last:
+            net.to(memory_format=torch.channels_last)
+        entries.append(Entry(f"difflab UNet ({name})", torch.compile(net) if compiled else net, channels_last))
+        entries[-1].params = sum(p.numel() for p in net.parameters())
+    return entries
+
+
 def count_flops(net: nn.Module, train: bool, batch: int = 1) -> float:
     """FLOPs per image of one forward pass, or of forward + backward when ``train``."""
     x, t = torch.randn(batch, 3, SIZE, SIZE), torch.full((batch,), 10.0)
@@ -258,8 +277,9 @@ def load_note() -> str:
 
 
 def report(entries: list[Entry], batch: int, peak: float, clock: str, argv: list[str], precision: str = "fp32",
-           layout: str = "example") -> str:
-    """The Markdown report: settings, then one row per model; ratios are to the faster diffusers."""
+           layout: str = "example", formats: bool = False) -> str:
+    """The Markdown report: settings, then one row per model; ratios are to the faster diffusers (with
+    ``formats``, to the contiguous difflab UNet: the column then reads "vs contiguous")."""
 
     def rate(seconds: list[float]) -> float:
         return batch / statistics.median(seconds)
@@ -267,6 +287,8 @@ def report(entries: list[Entry], batch: int, peak: float, clock: str, argv: list
     others = entries[1:]
     best_train = max((rate(e.train_s) for e in others), default=None)
     best_sample = max((rate(e.sample_s) for e in others), default=None)
+    if formats:  # difflab alone in three forms: ratios to the contiguous one
+        others, best_train, best_sample = [], rate(entries[0].train_s), rate(entries[0].sample_s)
     lines = [
         f"Command: `{' '.join(['python bench/bench_unet.py', *argv])}`",
         "",
@@ -276,7 +298,7 @@ def report(entries: list[Entry], batch: int, peak: float, clock: str, argv: list
         f"diffusers layout: {LAYOUTS[layout]}",
         "",
         "| model | params | GFLOP/img fwd | train img/s | train % peak | vs diffusers | "
-        "sample img/s | sample % peak | vs diffusers |",
+        "sample img/s | sample % peak | vs diffusers |".replace("diffusers", "contiguous" if formats else "diffusers"),
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for e in entries:
@@ -324,6 +346,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="example: the example-style UNet2DModel of equal parameters (default); "
                    "difflab: UNet2DModel in difflab's layout (same FLOPs; isolates implementation speed)")
     p.add_argument("--grad-checkpointing", action="store_true", help="difflab's UNet recomputes activations in backward")
+    p.add_argument("--difflab-formats", action="store_true",
+                   help="difflab alone: contiguous, channels-last and channels-last + torch.compile (no diffusers)")
     return p.parse_args(argv)
 
 
@@ -332,12 +356,16 @@ def main(argv: list[str]) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = UNetConfig.preset(args.preset, gradient_checkpointing=args.grad_checkpointing)
-    entries = make_entries(config, with_diffusers=not args.no_diffusers, layout=args.diffusers_layout)
-    flops: dict[str, tuple[float, float]] = {}  # by architecture: both diffusers entries share one
+    if args.difflab_formats:
+        entries = difflab_format_entries(config)
+    else:
+        entries = make_entries(config, with_diffusers=not args.no_diffusers, layout=args.diffusers_layout)
+    flops: dict[str, tuple[float, float]] = {}  # by architecture: entries of one architecture share one count
     for e in entries:
-        arch = type(e.net).__name__
+        net = getattr(e.net, "_orig_mod", e.net)  # FLOPs of a compiled module: count its original
+        arch = type(net).__name__
         if arch not in flops:
-            flops[arch] = count_flops(e.net, train=False), count_flops(e.net, train=True)
+            flops[arch] = count_flops(net, train=False), count_flops(net, train=True)
         e.fwd_flops, e.train_flops = flops[arch]
         gflop = e.fwd_flops / 1e9
         print(f"{e.name}: {e.params:,} parameters, {gflop:.3f} GFLOP/image forward", file=sys.stderr)
@@ -350,7 +378,7 @@ def main(argv: list[str]) -> None:
     times = time_round_robin(steps, args.warmup, args.iters, clock)
     for e, ts in zip(entries, times):
         e.sample_s = ts
-    print(report(entries, args.batch, peak, args.clock, argv, args.precision, args.diffusers_layout))
+    print(report(entries, args.batch, peak, args.clock, argv, args.precision, args.diffusers_layout, args.difflab_formats))
 
 
 if __name__ == "__main__":

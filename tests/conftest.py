@@ -35,6 +35,9 @@ def tiny_config_dict(**optim):
         "data": {"dataset": "shapes", "resolution": 16, "num_images": 64},
         "model": dict(TINY_MODEL),
         "schedule": {"kind": "linear", "num_timesteps": 100},
+        # eps and L_simple as written: several truths read the network's output as eps. The default recipe
+        # (v, min-SNR, cosine) trains in test_training's default tests and in the demo test.
+        "objective": {"parameterization": "eps", "weighting": "uniform"},
         "optim": {"steps": 6, "batch_size": 4, "lr": 1e-3, "warmup_steps": 2, **optim},
         "log": {"sample_every": 0, "checkpoint_every": 3, "num_samples": 4, "sample_steps": 3},
     }

@@ -108,3 +108,43 @@ def test_the_weighting_flag_offers_every_registered_weighting():
 
     option = next(p for p in train_command.params if p.name == "weighting")
     assert set(option.type.choices) == set(WEIGHTINGS)
+
+
+
+def _declared_default(dotted: str) -> object:
+    """The default a TrainConfig field declares (before any resolution, so weighting is "auto")."""
+    import dataclasses
+
+    from difflab.training.config import TrainConfig
+
+    cls: type = TrainConfig
+    *sections, leaf = dotted.split(".")
+    for section in sections:
+        cls = type(getattr(cls(), section))
+    field = next(f for f in dataclasses.fields(cls) if f.name == leaf)
+    return field.default if field.default is not dataclasses.MISSING else field.default_factory()
+
+
+def test_the_train_flags_state_the_config_defaults():
+    """Each ``[default: X]`` in ``difflab train --help`` is the TrainConfig default of the flag's key (the help is
+    written by hand so that the CLI starts without torch; this catches a default changed in one place only)."""
+    import re
+
+    from difflab.cli.train import FLAG_KEYS, train as train_command
+
+    checked = 0
+    for param in train_command.params:
+        stated = re.search(r"\[default: ([^\]]+)\]", param.help or "")
+        if param.name not in FLAG_KEYS or not stated:
+            continue
+        text, value = stated.group(1), _declared_default(FLAG_KEYS[param.name])
+        if value is None:  # "none", "the dataset's", "$DIFFLAB_DATA_DIR": words for an unset key
+            assert text in ("none", "the dataset's", "$DIFFLAB_DATA_DIR"), (param.name, text)
+        elif isinstance(value, bool):
+            assert text == {False: "fixed", True: "learned"}[value], (param.name, text)
+        elif isinstance(value, (int, float)):
+            assert float(text) == value, (param.name, text, value)
+        else:
+            assert text == value, (param.name, text, value)
+        checked += 1
+    assert checked >= 15

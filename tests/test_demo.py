@@ -38,3 +38,10 @@ def test_the_demo_config_trains_samples_a_grid_and_scores_it(tmp_path, one_threa
     assert all(0.0 <= a[k] <= 1.0 for k in ("shape", "color", "position", "shape_and_color"))
     assert a["shape_and_color"] <= min(a["shape"], a["color"])
     assert min(a["oracle_shape_accuracy"], a["oracle_color_accuracy"], a["oracle_position_accuracy"]) > 0.95
+    # the demo trains difflab's defaults: the patch32 layout with pooled tokens, v-prediction, cosine schedule
+    from difflab.nets.unet_config import PRESETS
+    from difflab.pipelines.diffusion import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(tmp_path)
+    assert {k: getattr(pipe.unet.config, k) for k in PRESETS["patch32"]} == PRESETS["patch32"]
+    assert pipe.unet.config.token_pooling and pipe.parameterization == "v" and pipe.schedule.config["kind"] == "cosine"

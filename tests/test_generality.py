@@ -132,7 +132,7 @@ def toy_datasets():
 
 def _config(dataset, model, steps, **sections):
     raw = {"seed": 0, "data": {"dataset": dataset, "num_images": 512}, "model": model,
-           "schedule": {"kind": "cosine", "num_timesteps": 100}, "objective": {"parameterization": "v"},
+           "schedule": {"kind": "cosine", "num_timesteps": 100}, "objective": {"parameterization": "v", "weighting": "uniform"},
            "optim": {"steps": steps, "batch_size": 64, "lr": 3e-3, "warmup_steps": 10, "ema_decay": 0.9},
            "log": {"sample_every": 0, "checkpoint_every": 0, "num_samples": 4, "sample_steps": 5}}
     for key, value in sections.items():
@@ -230,7 +230,8 @@ def test_d_ragged_masked_training_ignores_padding(tmp_path, one_thread):
     from difflab.recipes.diffusion import build_diffusion_training
 
     trainer = build_diffusion_training(_config("toy_ragged", {"_class_name": "GeneralityMLP"}, 3,
-                                               optim={"batch_size": 8}), tmp_path, progress=False)
+                                               optim={"batch_size": 8},
+                                               objective={"weighting": "min_snr"}), tmp_path, progress=False)
     batch = trainer._local_batch(0)
     assert (batch["x"] == 1e4).any() and batch["mask"].shape == batch["x"].shape[:2]
     losses, _ = trainer.objective.loss(trainer.model, batch)
@@ -243,7 +244,8 @@ def test_d_ragged_masked_training_ignores_padding(tmp_path, one_thread):
         alpha, sigma = sched.alpha(t.double()).float(), sched.sigma(t.double()).float()
         pred = model(alpha * x0 + sigma * eps, t.float())
         target = alpha * eps - sigma * x0  # v-prediction (Salimans & Ho 2022)
-        dense = ((pred - target) ** 2).mean() * batch["weights"][i]
+        snr = float(alpha**2 / sigma**2)  # min-SNR-5 on the v loss: min(SNR, 5) / (SNR + 1) (Hang et al. 2023)
+        dense = ((pred - target) ** 2).mean() * min(snr, 5.0) / (snr + 1) * batch["weights"][i]
         # float32 sums of <= 18 squared errors of O(1): agreement to a few ulps (1.2e-7 relative each)
         assert math.isclose(float(losses[i].detach()), float(dense.detach()), rel_tol=1e-5), i
     trainer.run()  # and it trains on the padded, masked batches

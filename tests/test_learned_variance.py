@@ -286,7 +286,7 @@ def test_bad_objectives(objective, match):
 def test_trainer_uses_importance_weights(tmp_path):
     from difflab.recipes.diffusion import build_diffusion_training
 
-    cfg = TrainConfig.from_dict({**tiny_config_dict(), "objective": {"learn_variance": True, "loss": "vlb", "timestep_sampling": "importance"}})
+    cfg = TrainConfig.from_dict({**tiny_config_dict(), "objective": {"parameterization": "eps", "learn_variance": True, "loss": "vlb", "timestep_sampling": "importance"}})
     trainer = build_diffusion_training(cfg, tmp_path, progress=False)
     assert trainer.model.config.out_channels == 6
     trainer.train_step(0)

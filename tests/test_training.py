@@ -185,6 +185,36 @@ def test_config_validation():
         TrainConfig.from_dict({"objective": {"parameterization": "score"}})
 
 
+
+@pytest.mark.parametrize("loss, learn_variance, weighting", [("simple", False, "min_snr"), ("hybrid", True, "min_snr"),
+                                                             ("vlb", False, "uniform"), ("vlb", True, "uniform")])
+def test_the_default_weighting_is_min_snr_except_for_the_vlb(loss, learn_variance, weighting):
+    """weighting "auto" (issue 12's recipe): min-SNR on a regression loss; the VLB has its own weights, so uniform."""
+    config = TrainConfig.from_dict({"objective": {"loss": loss, "learn_variance": learn_variance}})
+    assert config.objective.weighting == weighting
+    with pytest.raises(UserError, match="weighting 'min_snr' .* loss 'vlb'"):
+        TrainConfig.from_dict({"objective": {"loss": "vlb", "weighting": "min_snr"}})
+
+
+def test_default_layout_is_the_measured_one_for_32px_images_only():
+    """A config that names no layout gets the patch32 preset at 32x32 (token pooling with text), nothing elsewhere;
+    one layout key hands the whole layout back to the user (UNetConfig's field defaults plus that key)."""
+    from difflab.nets.unet_config import PRESETS, UNetConfig
+    from difflab.recipes.diffusion import build_network
+
+    given = {"in_channels": 3, "sample_shape": [3, 32, 32]}
+    net = build_network({}, given)
+    assert {k: getattr(net.config, k) for k in PRESETS["patch32"]} == PRESETS["patch32"] and not net.config.token_pooling
+    assert build_network({}, {**given, "context_dim": 16}).config.token_pooling
+    plain = UNetConfig()
+    own = build_network({"base_channels": 16, "norm_groups": 8}, given).config
+    assert (own.patch_size, own.coordinate_channels, own.num_res_blocks) == (1, False, plain.num_res_blocks)
+    other = build_network({}, {"in_channels": 3, "sample_shape": [3, 16, 16]}).config
+    assert (other.patch_size, other.base_channels, other.coordinate_channels) == (1, plain.base_channels, False)
+    sized = build_network({"coordinate_channels": False}, given).config  # a non-layout key keeps the layout
+    assert sized.patch_size == 2 and not sized.coordinate_channels
+
+
 @pytest.mark.parametrize("objective", [
     {"parameterization": "x0", "weighting": "min_snr"},
     {"parameterization": "v", "weighting": "min_snr", "min_snr_gamma": 1.0},

@@ -107,3 +107,23 @@ def img2img_command(model_dir: str, image_path: str, out_path: str, seed: int, c
     out = _load("img2img", model_dir)(image_path, strength, steps, sampler, seed=seed, progress=not no_progress,
                                       **_conditions(class_label, prompt, guidance_scale))
     _write(out, out_path, f"img2img (strength {strength:g})", started)
+
+
+@click.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(), help="A folder from `difflab train --task super-resolution`.")
+@click.option("--image", "image_path", required=True, type=click.Path(), help="The low-resolution picture (PNG or JPEG).")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Output PNG.")
+@click.option("--steps", type=int, default=50, show_default=True, help="Sampling steps.")
+@click.option("--sampler", default=None, help="Any sampler (see `difflab samplers`).  [default: the model's]")
+@click.option("--aug-level", type=float, default=0.0, show_default=True, help="Noise augmentation of the input at sampling, in [0, 1].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the noise.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def upscale_command(model_dir: str, image_path: str, out_path: str, steps: int, sampler: str | None, aug_level: float,
+                    seed: int, no_progress: bool) -> None:
+    """Upscale a picture with a super-resolution model (SR3)."""
+    from difflab.pipelines.upscale import UpscalePipeline
+
+    started = time.perf_counter()
+    pipe = UpscalePipeline.from_pretrained(model_dir)
+    out = pipe(image_path, steps, sampler, seed=seed, aug_level=aug_level, progress=not no_progress)
+    _write(out, out_path, f"upscaled x{pipe.scale}", started)

@@ -12,6 +12,20 @@ import click
 
 from difflab.errors import UserError
 
+# Each flag's config key; the flags' "[default: X]" texts are TrainConfig's defaults (tests/test_cli.py checks).
+FLAG_KEYS: dict[str, str] = {
+    "dataset": "data.dataset", "resolution": "data.resolution", "num_images": "data.num_images",
+    "data_dir": "data.data_dir", "autoencoder": "data.autoencoder", "seed": "seed", "task": "task",
+    "scale": "data.low_res_factor", "noise_aug": "conditioning.concat_noise_aug",
+    "steps": "optim.steps", "time_limit": "optim.time_limit_s", "batch_size": "optim.batch_size", "lr": "optim.lr",
+    "mixed_precision": "optim.mixed_precision", "grad_accum_steps": "optim.grad_accum_steps",
+    "parameterization": "objective.parameterization", "learn_variance": "objective.learn_variance",
+    "loss": "objective.loss", "timestep_sampling": "objective.timestep_sampling", "weighting": "objective.weighting",
+    "conditioning": "conditioning.kind", "cond_dropout": "conditioning.dropout", "text_encoder": "conditioning.text_encoder",
+    "sample_every": "log.sample_every", "checkpoint_every": "log.checkpoint_every", "keep_checkpoints": "log.keep_checkpoints",
+}
+
+
 @click.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config file (keys: seed, data, model, schedule, objective, optim, log).")
 @click.option("--dataset", help="shapes | digits | mnist | cifar10 | a folder of images.  [default: shapes]")
@@ -21,9 +35,9 @@ from difflab.errors import UserError
 @click.option("--steps", type=int, help="Optimizer steps in total.  [default: 2000]")
 @click.option("--time-limit", type=float, metavar="SECONDS", help="Stop (and save) after this many seconds of training, even before --steps.  [default: none]")
 @click.option("--batch-size", type=int, help="Global batch size.  [default: 32]")
-@click.option("--lr", type=float, help="AdamW learning rate (after warm-up).  [default: 2e-4]")
+@click.option("--lr", type=float, help="AdamW learning rate (after warm-up).  [default: 0.001]")
 @click.option("--seed", type=int, help="Seed of everything random.  [default: 0]")
-@click.option("--parameterization", type=click.Choice(["eps", "x0", "v", "edm"]), help="What the network predicts (edm: Karras et al. 2022 preconditioning).  [default: eps]")
+@click.option("--parameterization", type=click.Choice(["eps", "x0", "v", "edm"]), help="What the network predicts (edm: Karras et al. 2022 preconditioning).  [default: v]")
 @click.option("--learn-variance/--fixed-variance", default=None, help="Also learn the reverse-process variance (Nichol & Dhariwal 2021).  [default: fixed]")
 @click.option("--loss", type=click.Choice(["simple", "hybrid", "vlb"]), help="simple (Ho et al.), hybrid = simple + 0.001 VLB or vlb (learned variance for hybrid).  [default: simple]")
 @click.option("--timestep-sampling", type=click.Choice(["uniform", "importance", "lognormal"]), help="Draw t uniformly, by VLB importance sampling (loss vlb or hybrid) or log-normal in noise level (EDM).  [default: uniform]")
@@ -36,7 +50,10 @@ from difflab.errors import UserError
 @click.option("--autoencoder", help="A `difflab train-autoencoder` folder: train a latent diffusion model on its latents.")
 @click.option("--grad-accum-steps", type=int, help="Micro-batches per optimizer step (same result, less memory).  [default: 1]")
 @click.option("--keep-checkpoints", type=int, help="Newest checkpoints kept in OUT/checkpoints.  [default: 3]")
-@click.option("--weighting", type=click.Choice(["uniform", "min_snr", "min_snr_v"]), help="Loss weighting over noise levels.  [default: uniform]")
+@click.option("--weighting", type=click.Choice(["uniform", "min_snr", "min_snr_v"]), help="Loss weighting over noise levels (auto: min_snr, or uniform with --loss vlb).  [default: auto]")
+@click.option("--task", type=click.Choice(["generation", "super-resolution"]), help="What the model learns: plain generation, or super-resolution (SR3) of --scale-times downsampled copies.  [default: generation]")
+@click.option("--scale", type=int, help="Super-resolution factor (2, 4, ...): the low-resolution input is the image area-downsampled by it.")
+@click.option("--noise-aug", type=float, help="Largest noise-conditioning augmentation level of the low-resolution input in training, in [0, 1] (CDM; default 0.2 for super-resolution).")
 @click.option("--num-processes", type=int, default=None, help="Train on N local processes (GPUs, or CPU processes with gloo).")
 @click.option("--accelerate-config", type=click.Path(dir_okay=False), default=None, help="An `accelerate config` file to launch with (multi-node, FSDP, DeepSpeed); needs --num-processes.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder: model, checkpoints, samples, log.")
@@ -51,16 +68,7 @@ def train(config_path: str | None, out_dir: str, resume: bool, no_progress: bool
     if num_processes is not None or accelerate_config is not None:
         _relaunch(click.get_current_context(), num_processes, accelerate_config)
 
-    keys = {"dataset": "data.dataset", "resolution": "data.resolution", "num_images": "data.num_images",
-            "data_dir": "data.data_dir", "steps": "optim.steps", "time_limit": "optim.time_limit_s",
-            "batch_size": "optim.batch_size", "lr": "optim.lr",
-            "seed": "seed", "parameterization": "objective.parameterization", "mixed_precision": "optim.mixed_precision",
-            "learn_variance": "objective.learn_variance", "loss": "objective.loss", "timestep_sampling": "objective.timestep_sampling",
-            "conditioning": "conditioning.kind", "cond_dropout": "conditioning.dropout", "text_encoder": "conditioning.text_encoder",
-            "sample_every": "log.sample_every", "checkpoint_every": "log.checkpoint_every",
-            "keep_checkpoints": "log.keep_checkpoints", "grad_accum_steps": "optim.grad_accum_steps",
-            "autoencoder": "data.autoencoder", "weighting": "objective.weighting"}
-    overrides = {keys[k]: v for k, v in flags.items() if v is not None}
+    overrides = {FLAG_KEYS[k]: v for k, v in flags.items() if v is not None}
     base = saved_config(out_dir) if resume and config_path is None else None
     config = load_config(config_path, overrides, base=base)
     started = time.perf_counter()

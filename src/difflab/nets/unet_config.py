@@ -27,7 +27,38 @@ PRESETS: dict[str, dict[str, Any]] = {
         "attention_levels": (2,),
         "norm_groups": 8,
     },
+    # The first level works on 16x16 maps of 2x2 patches, with x, y coordinate channels: 6.03M parameters and
+    # 0.51 GFLOP per image as the demo's text-to-image model (tiny32 with text: 1.44M, 0.45 GFLOP), 4.83M as
+    # an unconditional grey MNIST model. Issue 12's layout for 32x32 images (docs/benchmarks.md, section 2)
+    # and the default for them (:func:`default_layout`).
+    "patch32": {
+        "patch_size": 2,
+        "base_channels": 64,
+        "channel_mults": (1, 2, 2),
+        "num_res_blocks": 1,
+        "attention_levels": (1, 2),
+        "head_channels": 32,
+        "norm_groups": 16,
+        "coordinate_channels": True,
+    },
 }
+
+# The fields that make a layout: a model config that sets any of them has chosen its own (default_layout gives way).
+LAYOUT_FIELDS: tuple[str, ...] = ("patch_size", "base_channels", "channel_mults", "num_res_blocks", "attention_levels",
+                                  "head_channels", "norm_groups", "mid_attention", "dims", "downsample_axes")
+
+
+def default_layout(sample_shape: tuple[int, ...], text: bool = False) -> dict[str, Any]:
+    """The UNet layout for samples of ``sample_shape`` (C, *spatial) when a config names none.
+
+    32x32 images get the ``patch32`` preset (with ``token_pooling`` when conditioned on text): the layout that
+    issue 12's ablation chose on captioned shapes (docs/benchmarks.md, section 2) and that the time-to-quality
+    benchmark then scored on MNIST (section 9). Other shapes, where no layout was measured, get
+    :class:`UNetConfig`'s field defaults (an empty dict).
+    """
+    if len(sample_shape) != 3 or tuple(sample_shape[1:]) != (32, 32):
+        return {}
+    return {**PRESETS["patch32"], **({"token_pooling": True} if text else {})}
 
 
 @dataclass

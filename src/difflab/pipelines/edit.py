@@ -102,12 +102,16 @@ def seam_overlay(generated: Tensor, known: Tensor, keep: Tensor, width: int = SE
     return torch.where(keep, known, w * reference + (1 - w) * generated)
 
 
-class _EditingPipeline(DiffusionPipeline):
-    """Shared steps of the editing pipelines: inputs to the model's space, the guided denoiser, decoding."""
+class ImageInputPipeline(DiffusionPipeline):
+    """Shared steps of the pipelines that take pictures (editing, upscaling): inputs to the model's space, the
+    guided denoiser, the output."""
+
+    def _inputs_unchecked(self, image: Any) -> Tensor:
+        channels = self.vae.config.in_channels if self.vae is not None else self.sample_shape[0]
+        return load_image_tensor(image, channels)
 
     def _inputs(self, image: Any) -> Tensor:
-        channels = self.vae.config.in_channels if self.vae is not None else self.sample_shape[0]
-        x = load_image_tensor(image, channels).to(self.device)
+        x = self._inputs_unchecked(image).to(self.device)
         f = (self.vae.downsample_factor if self.vae is not None else 1) * getattr(self.unet, "downsample_factor", 1)
         h, w = x.shape[-2:]
         if h % f or w % f:
@@ -141,7 +145,7 @@ class _EditingPipeline(DiffusionPipeline):
         return NoiseSource.from_any(generator, batch)
 
 
-class InpaintPipeline(_EditingPipeline):
+class InpaintPipeline(ImageInputPipeline):
     """Fill the white part of ``mask_image`` in ``image`` with any trained model (no retraining)."""
 
     @torch.no_grad()
@@ -209,10 +213,6 @@ class InpaintPipeline(_EditingPipeline):
         mask[top:top + h, left:left + w] = False
         return self(canvas, mask, **kwargs)
 
-    def _inputs_unchecked(self, image: Any) -> Tensor:
-        channels = self.vae.config.in_channels if self.vae is not None else self.sample_shape[0]
-        return load_image_tensor(image, channels)
-
 
 def check_pad(pad: Sequence[int]) -> tuple[int, int, int, int]:
     """(left, top, right, bottom) from 1, 2 or 4 non-negative ints, as CSS gives a border (at least one > 0)."""
@@ -226,7 +226,7 @@ def check_pad(pad: Sequence[int]) -> tuple[int, int, int, int]:
     return values[0], values[1], values[2], values[3]
 
 
-class Img2ImgPipeline(_EditingPipeline):
+class Img2ImgPipeline(ImageInputPipeline):
     """SDEdit (Meng et al. 2022): noise ``image`` to ``strength`` and denoise it, with any sampler and condition."""
 
     @torch.no_grad()

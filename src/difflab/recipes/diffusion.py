@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from difflab.errors import UserError
+from difflab.nets.unet_config import LAYOUT_FIELDS, default_layout
 from difflab.training.config import TrainConfig
 
 PREVIEW_GUIDANCE = 3.0  # classifier-free guidance scale of the periodic sample grids
@@ -58,7 +59,8 @@ def build_conditioner(config: TrainConfig, dataset: Any) -> Any:
         if c.concat not in probe:
             raise UserError(f"conditioning.concat={c.concat!r} but the items' conditions are {sorted(probe)}; "
                             "name one of them (data.low_res_factor makes 'low_res')")
-        concat = ConcatCondition(key=c.concat, channels=int(probe[c.concat].shape[0]), noise_aug_max=c.concat_noise_aug,
+        concat = ConcatCondition(key=c.concat, channels=int(probe[c.concat].shape[0]), noise_aug_max=c.concat_noise_aug or 0.0,
+                                 resize=c.concat_resize or "bilinear",
                                  schedule=config.schedule)  # augment with the model's own forward process (CDM)
     return Conditioner(c.kind, num_classes=dataset.num_classes, class_names=dataset.class_names,
                        text_encoder=c.text_encoder, concat=concat)
@@ -67,11 +69,14 @@ def build_conditioner(config: TrainConfig, dataset: Any) -> Any:
 def build_network(model: dict[str, Any], given: dict[str, Any]) -> nn.Module:
     """The network named by ``model["_class_name"]`` (default UNet), configured by the other ``model`` keys plus
     those ``given`` fields (fixed by the data, conditions and objective) that its config class has; a ``model``
-    key that contradicts a given value is a one-line error."""
+    key that contradicts a given value is a one-line error. A UNet whose ``model`` sets none of
+    :data:`~difflab.nets.unet_config.LAYOUT_FIELDS` gets :func:`~difflab.nets.unet_config.default_layout`."""
     from difflab.io.registry import network_class
 
     fields = dict(model)
     cls = network_class(fields.pop("_class_name", DEFAULT_NETWORK))
+    if cls.__name__ == DEFAULT_NETWORK and not set(fields) & set(LAYOUT_FIELDS):  # no layout chosen: the measured one
+        fields = {**default_layout(tuple(given.get("sample_shape", ())), text="context_dim" in given), **fields}
     names = {f.name for f in dataclasses.fields(cls.config_class)}
     auto = {k: v for k, v in given.items() if k in names}
     for key, value in auto.items():
@@ -117,13 +122,20 @@ def build_diffusion_training(config: TrainConfig, out_dir: str | Path, *, progre
     def pipeline(network: nn.Module) -> DiffusionPipeline:
         return DiffusionPipeline(network, schedule, config.objective.parameterization, sample_shape=tuple(dataset.sample_shape),
                                  modality=modality, sampler=config.log.sampler, conditioner=conditioner,
-                                 extra_config={"dataset": config.data.dataset}, vae=vae)
+                                 extra_config={"dataset": config.data.dataset, **task_settings(config)}, vae=vae)
 
     preview = preview_kwargs(config, dataset, conditioner)
     objective = DiffusionObjective(schedule, config.objective, conditioner, dropout=config.conditioning.dropout,
                                    pipeline=pipeline, preview_kwargs=preview,
                                    preview_metrics=adherence_metrics(config, preview, accelerator, oracle_settings))
     return Trainer(model, dataset, objective, config, out_dir, progress=progress, accelerator=accelerator)
+
+
+def task_settings(config: TrainConfig) -> dict[str, Any]:
+    """What a pipeline folder records of the task: ``{"task": "super-resolution", "scale": f}`` for SR models."""
+    if config.task == "super-resolution":
+        return {"task": config.task, "scale": config.data.low_res_factor}
+    return {}
 
 
 def adherence_metrics(config: TrainConfig, preview: dict[str, Any], accelerator: Any,

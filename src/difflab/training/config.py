@@ -17,6 +17,10 @@ from difflab.training.posthoc_ema import SIGMA_REL_MAX
 from difflab.training.timesteps import TIMESTEP_SAMPLINGS
 
 
+TASKS: tuple[str, ...] = ("generation", "super-resolution")
+SR_NOISE_AUG = 0.2  # default max augmentation level of super-resolution's low-res input (not tuned yet)
+
+
 @dataclass
 class DataConfig:
     dataset: str = "shapes"  # shapes | digits | mnist | cifar10 | a folder path | any registered dataset
@@ -35,24 +39,31 @@ class ConditioningConfig:
     dropout: float = 0.1  # probability of training a sample with the null condition (for classifier-free guidance)
     text_encoder: str = "minilm"  # minilm | clip:/dir | t5:/dir | bert:/dir | a local model directory
     concat: str | None = None  # a condition of the items (e.g. low_res) joined to the network input
-    concat_noise_aug: float = 0.0  # max noise-conditioning augmentation level of the concat condition, a fraction of T in [0, 1] (CDM)
+    concat_noise_aug: float | None = None  # max noise-conditioning augmentation level of the concat condition, a fraction of T in [0, 1] (CDM); None: 0.2 for super-resolution, else 0
+    concat_resize: str | None = None  # how the network upsamples the concat condition: bilinear | nearest | bicubic; None: bicubic for super-resolution (SR3), else bilinear
 
 
 @dataclass
 class ObjectiveConfig:
-    parameterization: str = "eps"  # eps | x0 | v | edm (Karras et al. 2022 preconditioning)
-    weighting: str = "uniform"  # uniform | min_snr (Hang et al. 2023) | min_snr_v (min(SNR + 1, gamma), see difflab.losses)
+    """What the network learns. The defaults are issue 12's recipe (v, min-SNR; docs/benchmarks.md, section 2)."""
+
+    parameterization: str = "v"  # eps | x0 | v | edm (Karras et al. 2022 preconditioning)
+    weighting: str = "auto"  # auto (min_snr, or uniform for loss vlb) | uniform | min_snr (Hang et al. 2023) | min_snr_v (see difflab.losses)
     min_snr_gamma: float = 5.0
     learn_variance: bool = False  # network outputs 2C channels: prediction and variance (Nichol & Dhariwal 2021)
     loss: str = "simple"  # simple | hybrid | vlb (hybrid needs learn_variance)
-    timestep_sampling: str = "uniform"  # uniform | importance (importance: loss vlb or hybrid only)
+    timestep_sampling: str = "uniform"  # uniform | importance (importance: loss vlb or hybrid only) | lognormal (EDM)
+
+    def __post_init__(self) -> None:
+        if self.weighting == "auto":  # the VLB carries its own weights; every regression loss gets min-SNR
+            self.weighting = "uniform" if self.loss == "vlb" else "min_snr"
 
 
 @dataclass
 class OptimConfig:
     steps: int = 2000
     batch_size: int = 32
-    lr: float = 2e-4
+    lr: float = 1e-3
     weight_decay: float = 0.0
     betas: list = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2)
     warmup_steps: int = 100
@@ -69,8 +80,8 @@ class LogConfig:
     checkpoint_every: int = 500  # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 3  # newest checkpoints kept in OUT/checkpoints (older ones are deleted)
     num_samples: int = 16
-    sample_steps: int = 25
-    sampler: str = "ddim"
+    sample_steps: int = 20
+    sampler: str = "dpmpp_2m"
     adherence: bool = True  # shapes + text: the shapes oracle's prompt adherence of each preview, into log.jsonl
 
 
@@ -85,9 +96,10 @@ class PostHocEMAConfig:
 @dataclass
 class TrainConfig:
     seed: int = 0
+    task: str = "generation"  # generation | super-resolution (SR3: conditioned on data.low_res_factor-downsampled copies)
     data: DataConfig = field(default_factory=DataConfig)
     model: dict[str, Any] = field(default_factory=dict)  # the network's config fields (+ _class_name, default UNet); data-given fields are filled in
-    schedule: dict[str, Any] = field(default_factory=lambda: {"kind": "linear", "num_timesteps": 1000})
+    schedule: dict[str, Any] = field(default_factory=lambda: {"kind": "cosine", "num_timesteps": 1000})
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -100,8 +112,26 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "TrainConfig":
         config = _build(cls, raw, "")
+        config.resolve_task()
         config.validate()
         return config
+
+    def resolve_task(self) -> None:
+        """Fill the keys a task fixes. super-resolution (SR3, Saharia et al. 2021): the items gain their
+        ``data.low_res_factor``-downsampled copy ``low_res``, which the network sees upsampled bicubically and
+        concatenated to x_t, noise-augmented in training up to ``SR_NOISE_AUG`` unless set (CDM, Ho et al. 2021)."""
+        c = self.conditioning
+        _check(self.task in TASKS, "task", self.task, f"use one of {', '.join(TASKS)}")
+        if self.task == "super-resolution":
+            _check(self.data.low_res_factor is not None, "data.low_res_factor", None,
+                   "super-resolution needs its scale: --scale 2 or 4 (data.low_res_factor)")
+            _check(c.concat in (None, "low_res"), "conditioning.concat", c.concat,
+                   "super-resolution conditions on low_res; remove the key")
+            c.concat = "low_res"
+            c.concat_resize = c.concat_resize or "bicubic"
+            c.concat_noise_aug = SR_NOISE_AUG if c.concat_noise_aug is None else c.concat_noise_aug
+        c.concat_resize = c.concat_resize or "bilinear"
+        c.concat_noise_aug = 0.0 if c.concat_noise_aug is None else c.concat_noise_aug
 
     def validate(self) -> None:
         o, log = self.optim, self.log
@@ -148,8 +178,11 @@ class TrainConfig:
                    "data.resolution", self.data.resolution, "give a side >= 4 or [height, width], e.g. 32 or [32, 48]")
         if self.data.low_res_factor is not None:
             _check(self.data.low_res_factor >= 2, "data.low_res_factor", self.data.low_res_factor, "must be >= 2 (e.g. 4)")
-        _check(self.conditioning.concat_noise_aug >= 0, "conditioning.concat_noise_aug", self.conditioning.concat_noise_aug,
-               "must be >= 0 (0: no augmentation)")
+        aug = self.conditioning.concat_noise_aug
+        _check(aug is None or (isinstance(aug, (int, float)) and not isinstance(aug, bool) and 0 <= aug <= 1),
+               "conditioning.concat_noise_aug", aug, "give a level in [0, 1] (0: no augmentation; 0.2 is usual)")
+        _check(self.conditioning.concat_resize in (None, "bilinear", "nearest", "bicubic"), "conditioning.concat_resize",
+               self.conditioning.concat_resize, "use bilinear, nearest or bicubic")
 
 
     def _validate_loss(self) -> None:
