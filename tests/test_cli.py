@@ -148,3 +148,11 @@ def test_the_train_flags_state_the_config_defaults():
             assert text == value, (param.name, text, value)
         checked += 1
     assert checked >= 15
+
+
+def test_the_task_flag_offers_every_task():
+    from difflab.cli.train import train as train_command
+    from difflab.training.config import TASKS
+
+    option = next(p for p in train_command.params if p.name == "task")
+    assert tuple(option.type.choices) == TASKS

@@ -31,12 +31,13 @@ def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _inpaint_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     options = [
-        click.option("--method", type=click.Choice(["repaint", "replacement"]), default="repaint", show_default=True,
-                     help="RePaint (Lugmayr et al. 2022) or plain replacement."),
+        click.option("--method", type=click.Choice(["repaint", "replacement", "trained"]), default=None,
+                     help="RePaint (Lugmayr et al. 2022), plain replacement, or a --task inpaint model's own conditional "
+                     "sampling.  [default: trained for an inpainting model, else repaint]"),
         click.option("--steps", type=int, default=250, show_default=True, help="Sampling steps (the paper: 250)."),
         click.option("--jump", type=int, default=10, show_default=True, help="RePaint jump length j."),
         click.option("--resample", type=int, default=10, show_default=True, help="RePaint resamplings r (1: none)."),
-        click.option("--sampler", default=None, help="ddpm or ddim for RePaint; any sampler for replacement.  [default: ddpm]"),
+        click.option("--sampler", default=None, help="ddpm or ddim for RePaint; any sampler otherwise.  [default: ddpm; the model's for trained]"),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -67,12 +68,14 @@ def _write(out: Any, out_path: str, what: str, started: float) -> None:
 @click.option("--mask", "mask_path", required=True, type=click.Path(), help="Mask PNG of the image's size: white = fill, black = keep.")
 @_inpaint_options
 def inpaint_command(model_dir: str, image_path: str, out_path: str, seed: int, class_label: str | None, prompt: str | None,
-                    guidance_scale: float, no_progress: bool, mask_path: str, method: str, steps: int, jump: int,
+                    guidance_scale: float, no_progress: bool, mask_path: str, method: str | None, steps: int, jump: int,
                     resample: int, sampler: str | None) -> None:
     """Fill the white part of a mask in a picture with a trained model (RePaint or replacement)."""
     started = time.perf_counter()
-    out = _load("inpaint", model_dir)(image_path, mask_path, steps, method, jump, resample, sampler, seed=seed,
-                                      progress=not no_progress, **_conditions(class_label, prompt, guidance_scale))
+    pipe = _load("inpaint", model_dir)
+    method = method or pipe.default_method
+    out = pipe(image_path, mask_path, steps, method, jump, resample, sampler, seed=seed, progress=not no_progress,
+               **_conditions(class_label, prompt, guidance_scale))
     _write(out, out_path, f"inpainted ({method})", started)
 
 
@@ -81,7 +84,7 @@ def inpaint_command(model_dir: str, image_path: str, out_path: str, seed: int, c
 @click.option("--pad", required=True, help="Pixels to add: ALL, or H,V, or L,T,R,B (e.g. 0,0,16,0 extends to the right).")
 @_inpaint_options
 def outpaint_command(model_dir: str, image_path: str, out_path: str, seed: int, class_label: str | None, prompt: str | None,
-                     guidance_scale: float, no_progress: bool, pad: str, method: str, steps: int, jump: int,
+                     guidance_scale: float, no_progress: bool, pad: str, method: str | None, steps: int, jump: int,
                      resample: int, sampler: str | None) -> None:
     """Extend a picture by a border that a trained model fills (outpainting)."""
     try:
@@ -89,9 +92,10 @@ def outpaint_command(model_dir: str, image_path: str, out_path: str, seed: int, 
     except ValueError:
         raise UserError(f"--pad {pad!r} is invalid; give ALL, or H,V, or L,T,R,B in pixels, e.g. 0,0,16,0") from None
     started = time.perf_counter()
-    out = _load("inpaint", model_dir).outpaint(image_path, sides, num_inference_steps=steps, method=method, jump=jump,
-                                                resample=resample, sampler=sampler, seed=seed, progress=not no_progress,
-                                                **_conditions(class_label, prompt, guidance_scale))
+    pipe = _load("inpaint", model_dir)
+    method = method or pipe.default_method
+    out = pipe.outpaint(image_path, sides, num_inference_steps=steps, method=method, jump=jump, resample=resample,
+                        sampler=sampler, seed=seed, progress=not no_progress, **_conditions(class_label, prompt, guidance_scale))
     _write(out, out_path, f"outpainted ({method})", started)
 
 

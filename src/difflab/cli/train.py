@@ -51,7 +51,7 @@ FLAG_KEYS: dict[str, str] = {
 @click.option("--grad-accum-steps", type=int, help="Micro-batches per optimizer step (same result, less memory).  [default: 1]")
 @click.option("--keep-checkpoints", type=int, help="Newest checkpoints kept in OUT/checkpoints.  [default: 3]")
 @click.option("--weighting", type=click.Choice(["uniform", "min_snr", "min_snr_v"]), help="Loss weighting over noise levels (auto: min_snr, or uniform with --loss vlb).  [default: auto]")
-@click.option("--task", type=click.Choice(["generation", "super-resolution"]), help="What the model learns: plain generation, or super-resolution (SR3) of --scale-times downsampled copies.  [default: generation]")
+@click.option("--task", type=click.Choice(["generation", "super-resolution", "inpaint"]), help="What the model learns: plain generation, super-resolution (SR3) of --scale-times downsampled copies, or inpainting of randomly masked pictures (Palette).  [default: generation]")
 @click.option("--scale", type=int, help="Super-resolution factor (2, 4, ...): the low-resolution input is the image area-downsampled by it.")
 @click.option("--noise-aug", type=float, help="Largest noise-conditioning augmentation level of the low-resolution input in training, in [0, 1] (CDM; default 0.2 for super-resolution).")
 @click.option("--num-processes", type=int, default=None, help="Train on N local processes (GPUs, or CPU processes with gloo).")

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from difflab.conditioning.base import Condition, rows_where
 from difflab.conditioning.dropout import drop_mask
+from difflab.data.masks import check_mask_kinds, random_fill_masks
 from difflab.errors import UserError
 from difflab.noise import NoiseSource
 from difflab.schedules import NoiseSchedule, broadcast_to
@@ -36,12 +37,16 @@ class ConcatCondition(Condition):
     of the null (all-zero) condition in training, drawn on its own (default 0: always conditioned).
     ``resize``: how the UNet upsamples the condition to x's size (bilinear means (bi/tri)linear by dims).
     ``schedule``: the augmentation's forward process (a NoiseSchedule, kind name or config; default linear, T=1000).
+    ``masks``: an inpainting model's condition (Palette, Saharia et al. 2022): the items' ``key`` is the clean
+    picture (``channels - 1`` channels), and training draws a random fill mask per row of these kinds
+    (:mod:`difflab.data.masks`) and conditions on :meth:`masked_input` (the picture zeroed where it is to be
+    filled, plus the keep mask as the last channel). At sampling the caller passes that masked input.
     """
 
     kind = "concat"
 
     def __init__(self, key: str = "low_res", channels: int = 3, noise_aug_max: float = 0.0, dropout: float = 0.0,
-                 resize: str = "bilinear", schedule: Any = "linear") -> None:
+                 resize: str = "bilinear", schedule: Any = "linear", masks: Any = None) -> None:
         if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
             raise UserError(f"ConcatCondition channels={channels!r} must be a positive int (the condition's channels)")
         if not 0.0 <= float(noise_aug_max) <= 1.0:
@@ -53,6 +58,15 @@ class ConcatCondition(Condition):
         self.key, self.channels, self.resize = key, channels, resize
         self.noise_aug_max, self.dropout = float(noise_aug_max), float(dropout)
         self.schedule = NoiseSchedule.coerce(schedule)
+        self.masks = None if masks is None else check_mask_kinds(list(masks))
+        if self.masks is not None and channels < 2:
+            raise UserError(f"an inpainting condition has the picture's channels plus the mask: channels={channels} is too few")
+
+    @staticmethod
+    def masked_input(image: Tensor, keep: Tensor) -> Tensor:
+        """(B, C + 1, ...): ``image`` zeroed where ``keep`` is False, then ``keep`` (1 = known) as a channel."""
+        keep = keep.to(image.dtype).expand(image.shape[0], 1, *image.shape[2:])
+        return torch.cat([image * keep, keep], dim=1)
 
     @property
     def level_key(self) -> str:
@@ -75,7 +89,12 @@ class ConcatCondition(Condition):
     def prepare(self, values: Any, drop: Tensor, generator: torch.Generator) -> dict[str, Any]:
         """Augment at ``s ~ U[0, noise_aug_max]`` and drop rows with the condition's own ``dropout``
         (``drop``, the class/text dropout, is not used). Dropped rows get the null condition and level 0."""
-        c = self._check(values, None)
+        if self.masks is not None:  # inpainting: a fresh random mask per row, from the step's generator
+            picture = self._check(values, None, self.channels - 1)
+            fill = random_fill_masks(picture.shape[0], *picture.shape[-2:], generator, self.masks)
+            c = self.masked_input(picture, ~fill)
+        else:
+            c = self._check(values, None)
         batch = c.shape[0]
         level = torch.zeros(batch, dtype=torch.float64)
         if self.aug_embedding:
@@ -113,11 +132,12 @@ class ConcatCondition(Condition):
         kwargs = self.network_kwargs({self.key: c, self.level_key: level}, c.device)
         return kwargs, dict(kwargs)
 
-    def _check(self, value: Any, batch: int | None) -> Tensor:
+    def _check(self, value: Any, batch: int | None, channels: int | None = None) -> Tensor:
         c = torch.as_tensor(value)
-        if not c.is_floating_point() or c.ndim < 3 or c.shape[1] != self.channels:
+        channels = self.channels if channels is None else channels
+        if not c.is_floating_point() or c.ndim < 3 or c.shape[1] != channels:
             raise UserError(f"condition {self.key!r} has shape {tuple(c.shape)} ({c.dtype}); expected a float "
-                            f"tensor (B, {self.channels}, *spatial)")
+                            f"tensor (B, {channels}, *spatial)")
         if batch is not None and c.shape[0] == 1:
             c = c.expand(batch, *c.shape[1:])
         if batch is not None and c.shape[0] != batch:
@@ -128,5 +148,6 @@ class ConcatCondition(Condition):
         return {"concat_channels": self.channels, "concat_resize": self.resize, "aug_embedding": self.aug_embedding}
 
     def to_config(self) -> dict[str, Any]:
-        return {"key": self.key, "channels": self.channels, "noise_aug_max": self.noise_aug_max,
-                "dropout": self.dropout, "resize": self.resize, "schedule": self.schedule.to_config()}
+        config = {"key": self.key, "channels": self.channels, "noise_aug_max": self.noise_aug_max,
+                  "dropout": self.dropout, "resize": self.resize, "schedule": self.schedule.to_config()}
+        return config if self.masks is None else {**config, "masks": list(self.masks)}

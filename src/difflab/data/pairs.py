@@ -34,3 +34,21 @@ class LowResolutionPairs(DiffusionDataset):
         low = F.avg_pool2d(item["x"][None], self.factor)[0] if item["x"].ndim == 3 else \
             F.avg_pool1d(item["x"][None], self.factor)[0]
         return {**item, "cond": {**item["cond"], self.key: low}}
+
+
+class PictureCondition(DiffusionDataset):
+    """``dataset`` whose items also carry their own ``x`` as ``cond[key]``: the clean picture from which an
+    inpainting model's condition (masked picture and mask, drawn per training step) is made."""
+
+    def __init__(self, dataset: Any, key: str = "image") -> None:
+        self.dataset, self.key = dataset, key
+        self.sample_shape = tuple(dataset.sample_shape)
+        self.modality = getattr(dataset, "modality", "image")
+        self.class_names = getattr(dataset, "class_names", None)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Item:
+        item = self.dataset[index]
+        return {**item, "cond": {**item["cond"], self.key: item["x"]}}

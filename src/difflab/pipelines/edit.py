@@ -28,8 +28,9 @@ from difflab.errors import UserError
 from difflab.modalities import get_modality
 from difflab.noise import NoiseSource
 from difflab.pipelines.diffusion import DiffusionPipeline, PipelineOutput, decode_latents, eta_option
+from difflab.samplers import sample
 
-INPAINT_METHODS = ("repaint", "replacement")
+INPAINT_METHODS = ("repaint", "replacement", "trained")
 SEAM_WIDTH = 4  # pixels of the blended seam of latent inpainting
 
 
@@ -125,8 +126,9 @@ class ImageInputPipeline(DiffusionPipeline):
         return x if self.vae is None else self.vae.encode(x).mean * self.vae.scaling_factor
 
     def _denoiser(self, batch: int, noise: NoiseSource, sampler: str, class_labels: Any, prompt: Any,
-                  negative_prompt: Any, guidance_scale: float) -> Any:
-        return self.denoiser(batch, class_labels, prompt, negative_prompt, guidance_scale, sampler=sampler, noise=noise)
+                  negative_prompt: Any, guidance_scale: float, concat: Any = None) -> Any:
+        return self.denoiser(batch, class_labels, prompt, negative_prompt, guidance_scale, sampler=sampler, noise=noise,
+                             concat=concat)
 
     def _check_steps(self, steps: int) -> None:
         if not 1 <= steps <= self.schedule.T:
@@ -148,13 +150,22 @@ class ImageInputPipeline(DiffusionPipeline):
 class InpaintPipeline(ImageInputPipeline):
     """Fill the white part of ``mask_image`` in ``image`` with any trained model (no retraining)."""
 
+    @property
+    def trained_for_inpainting(self) -> bool:
+        """Whether the model was trained with ``--task inpaint`` (conditioned on masked pictures)."""
+        return self.conditioner.concat is not None and self.conditioner.concat.masks is not None
+
+    @property
+    def default_method(self) -> str:
+        return "trained" if self.trained_for_inpainting else "repaint"
+
     @torch.no_grad()
     def __call__(
         self,
         image: Any,
         mask_image: Any,
         num_inference_steps: int = 250,
-        method: str = "repaint",
+        method: str | None = None,
         jump: int = 10,
         resample: int = 10,
         sampler: str | None = None,
@@ -170,12 +181,19 @@ class InpaintPipeline(ImageInputPipeline):
         seam_width: int = SEAM_WIDTH,
         **sampler_options: Any,
     ) -> PipelineOutput:
-        """RePaint (``method="repaint"``, Lugmayr et al. 2022: ``jump``, ``resample``; sampler ddpm or ddim) or
-        replacement (``method="replacement"``, any sampler) over ``num_inference_steps`` steps. Every image
-        of ``image`` is one sample; ``mask_image`` is one mask for all or one per image. The output's known
-        pixels equal the input's (latent models: see the module docstring for the seam)."""
+        """RePaint (``method="repaint"``, Lugmayr et al. 2022: ``jump``, ``resample``; sampler ddpm or ddim),
+        replacement (``method="replacement"``, any sampler) or, for a model trained with ``--task inpaint``, plain
+        sampling conditioned on the masked picture (``method="trained"``, Palette, Saharia et al. 2022; any
+        sampler, default the model's), over ``num_inference_steps`` steps. ``method=None``: "trained" for an
+        inpainting model, else "repaint". Every image of ``image`` is one sample; ``mask_image`` is one mask for
+        all or one per image. The output's known pixels equal the input's (latent models: see the module
+        docstring for the seam). An inpainting model is conditioned on the masked picture with every method."""
+        concat, trained = self.conditioner.concat, self.trained_for_inpainting
+        method = method or self.default_method
         if method not in INPAINT_METHODS:
-            raise UserError(f"unknown inpainting method {method!r}; use {' or '.join(INPAINT_METHODS)}")
+            raise UserError(f"unknown inpainting method {method!r}; use {', '.join(INPAINT_METHODS)}")
+        if method == "trained" and not trained:
+            raise UserError("method 'trained' needs a model trained with --task inpaint; use repaint or replacement with this one")
         self._check_steps(num_inference_steps)
         pixels = self._inputs(image)
         keep_px = load_keep_mask(mask_image, tuple(pixels.shape[-2:])).to(self.device)
@@ -185,11 +203,19 @@ class InpaintPipeline(ImageInputPipeline):
         if self.vae is not None:  # a latent cell is known when all of its pixels are
             f = self.vae.downsample_factor
             keep = -torch.nn.functional.max_pool2d(-keep_px.float(), f) > 0.5
-        name = sampler or "ddpm"  # the exact fit of both methods (RePaint takes ddpm or ddim)
+        name = sampler or (self.sampler if method == "trained" else "ddpm")  # ddpm: the exact fit of RePaint and replacement
         sampler_options.update(eta_option(name, eta))
         noise = self._noise(batch, seed, generator)
-        denoiser = self._denoiser(batch, noise, name, class_labels, prompt, negative_prompt, guidance_scale)
-        if method == "repaint":
+        if trained and self.vae is not None:
+            raise UserError("inpainting models are trained on pixels in this version; this one has an autoencoder")
+        condition = {concat.key: concat.masked_input(known, keep)} if trained else None
+        denoiser = self._denoiser(batch, noise, name, class_labels, prompt, negative_prompt, guidance_scale, condition)
+        if method == "trained":
+            x_T = denoiser.space.noise(known.shape[1:], noise, device=self.device)
+            out = sample(denoiser, x_T, sampler=name, steps=num_inference_steps, generator=noise, progress=progress,
+                         **sampler_options)
+            out = type(out)(torch.where(keep, known, out.samples), out.nfe)
+        elif method == "repaint":
             out = repaint(denoiser, known, keep, num_inference_steps, jump, resample, generator=noise, sampler=name,
                           progress=progress, **sampler_options)
         else:

@@ -46,6 +46,10 @@ def build_dataset_from_config(config: TrainConfig, out_dir: Path, accelerator: A
         from difflab.data.pairs import LowResolutionPairs
 
         dataset = LowResolutionPairs(dataset, d.low_res_factor)
+    if config.task == "inpaint":
+        from difflab.data.pairs import PictureCondition
+
+        dataset = PictureCondition(dataset)
     return dataset, vae
 
 
@@ -59,8 +63,9 @@ def build_conditioner(config: TrainConfig, dataset: Any) -> Any:
         if c.concat not in probe:
             raise UserError(f"conditioning.concat={c.concat!r} but the items' conditions are {sorted(probe)}; "
                             "name one of them (data.low_res_factor makes 'low_res')")
-        concat = ConcatCondition(key=c.concat, channels=int(probe[c.concat].shape[0]), noise_aug_max=c.concat_noise_aug or 0.0,
-                                 resize=c.concat_resize or "bilinear",
+        channels = int(probe[c.concat].shape[0]) + (1 if c.concat_masks else 0)  # inpainting: the picture and its mask
+        concat = ConcatCondition(key=c.concat, channels=channels, noise_aug_max=c.concat_noise_aug or 0.0,
+                                 resize=c.concat_resize or "bilinear", masks=c.concat_masks,
                                  schedule=config.schedule)  # augment with the model's own forward process (CDM)
     return Conditioner(c.kind, num_classes=dataset.num_classes, class_names=dataset.class_names,
                        text_encoder=c.text_encoder, concat=concat)
@@ -132,10 +137,11 @@ def build_diffusion_training(config: TrainConfig, out_dir: str | Path, *, progre
 
 
 def task_settings(config: TrainConfig) -> dict[str, Any]:
-    """What a pipeline folder records of the task: ``{"task": "super-resolution", "scale": f}`` for SR models."""
+    """What a pipeline folder records of the task: ``{"task": "super-resolution", "scale": f}`` for SR models,
+    ``{"task": "inpaint"}`` for inpainting models."""
     if config.task == "super-resolution":
         return {"task": config.task, "scale": config.data.low_res_factor}
-    return {}
+    return {"task": config.task} if config.task == "inpaint" else {}
 
 
 def adherence_metrics(config: TrainConfig, preview: dict[str, Any], accelerator: Any,
@@ -180,5 +186,11 @@ def preview_kwargs(config: TrainConfig, dataset: Any, conditioner: Any) -> dict[
         kwargs.update(prompt=[dataset[i % len(dataset)]["cond"]["caption"] for i in range(n)], guidance_scale=PREVIEW_GUIDANCE)
     if config.conditioning.concat:
         key = config.conditioning.concat
-        kwargs["concat"] = {key: torch.stack([dataset[i % len(dataset)]["cond"][key] for i in range(n)])}
+        value = torch.stack([dataset[i % len(dataset)]["cond"][key] for i in range(n)])
+        if config.conditioning.concat_masks:  # inpainting previews: the first pictures under fixed random masks
+            from difflab.data.masks import random_fill_masks
+
+            fill = random_fill_masks(n, *value.shape[-2:], torch.Generator().manual_seed(0), tuple(config.conditioning.concat_masks))
+            value = conditioner.concat.masked_input(value, ~fill)
+        kwargs["concat"] = {key: value}
     return kwargs

@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from difflab.data.masks import MASK_KINDS, check_mask_kinds
 from difflab.errors import UserError
 from difflab.losses import LOSSES, WEIGHTINGS, check_objective
 from difflab.process import PARAMETERIZATIONS
@@ -17,7 +18,7 @@ from difflab.training.posthoc_ema import SIGMA_REL_MAX
 from difflab.training.timesteps import TIMESTEP_SAMPLINGS
 
 
-TASKS: tuple[str, ...] = ("generation", "super-resolution")
+TASKS: tuple[str, ...] = ("generation", "super-resolution", "inpaint")
 SR_NOISE_AUG = 0.2  # default max augmentation level of super-resolution's low-res input (not tuned yet)
 
 
@@ -41,6 +42,7 @@ class ConditioningConfig:
     concat: str | None = None  # a condition of the items (e.g. low_res) joined to the network input
     concat_noise_aug: float | None = None  # max noise-conditioning augmentation level of the concat condition, a fraction of T in [0, 1] (CDM); None: 0.2 for super-resolution, else 0
     concat_resize: str | None = None  # how the network upsamples the concat condition: bilinear | nearest | bicubic; None: bicubic for super-resolution (SR3), else bilinear
+    concat_masks: list | None = None  # inpainting: kinds of the random training masks (box, stroke, half, border); None: all four for task inpaint
 
 
 @dataclass
@@ -96,7 +98,7 @@ class PostHocEMAConfig:
 @dataclass
 class TrainConfig:
     seed: int = 0
-    task: str = "generation"  # generation | super-resolution (SR3: conditioned on data.low_res_factor-downsampled copies)
+    task: str = "generation"  # generation | super-resolution (SR3: conditioned on data.low_res_factor-downsampled copies) | inpaint (Palette: on masked copies)
     data: DataConfig = field(default_factory=DataConfig)
     model: dict[str, Any] = field(default_factory=dict)  # the network's config fields (+ _class_name, default UNet); data-given fields are filled in
     schedule: dict[str, Any] = field(default_factory=lambda: {"kind": "cosine", "num_timesteps": 1000})
@@ -119,7 +121,9 @@ class TrainConfig:
     def resolve_task(self) -> None:
         """Fill the keys a task fixes. super-resolution (SR3, Saharia et al. 2021): the items gain their
         ``data.low_res_factor``-downsampled copy ``low_res``, which the network sees upsampled bicubically and
-        concatenated to x_t, noise-augmented in training up to ``SR_NOISE_AUG`` unless set (CDM, Ho et al. 2021)."""
+        concatenated to x_t, noise-augmented in training up to ``SR_NOISE_AUG`` unless set (CDM, Ho et al. 2021).
+        inpaint (Palette, Saharia et al. 2022): the items carry their own picture as ``image``, and every training
+        step conditions on it masked by fresh random masks of ``conditioning.concat_masks`` (default: all kinds)."""
         c = self.conditioning
         _check(self.task in TASKS, "task", self.task, f"use one of {', '.join(TASKS)}")
         if self.task == "super-resolution":
@@ -130,6 +134,14 @@ class TrainConfig:
             c.concat = "low_res"
             c.concat_resize = c.concat_resize or "bicubic"
             c.concat_noise_aug = SR_NOISE_AUG if c.concat_noise_aug is None else c.concat_noise_aug
+        if self.task == "inpaint":
+            _check(c.concat in (None, "image"), "conditioning.concat", c.concat,
+                   "inpainting conditions on the masked picture; remove the key")
+            _check(self.data.low_res_factor is None, "data.low_res_factor", self.data.low_res_factor,
+                   "inpainting models fill masked pictures at full resolution; remove the key (or use --task super-resolution)")
+            c.concat, c.concat_masks = "image", list(c.concat_masks or MASK_KINDS)
+        else:
+            _check(c.concat_masks is None, "conditioning.concat_masks", c.concat_masks, "random masks train inpainting models: add --task inpaint")
         c.concat_resize = c.concat_resize or "bilinear"
         c.concat_noise_aug = 0.0 if c.concat_noise_aug is None else c.concat_noise_aug
 
@@ -181,6 +193,8 @@ class TrainConfig:
         aug = self.conditioning.concat_noise_aug
         _check(aug is None or (isinstance(aug, (int, float)) and not isinstance(aug, bool) and 0 <= aug <= 1),
                "conditioning.concat_noise_aug", aug, "give a level in [0, 1] (0: no augmentation; 0.2 is usual)")
+        if self.conditioning.concat_masks is not None:
+            check_mask_kinds(self.conditioning.concat_masks)
         _check(self.conditioning.concat_resize in (None, "bilinear", "nearest", "bicubic"), "conditioning.concat_resize",
                self.conditioning.concat_resize, "use bilinear, nearest or bicubic")
 
