@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "samplers": ("samplers:samplers", "List the samplers and their options."),
     "train": ("train:train", "Train a diffusion model; Ctrl-C saves a checkpoint first."),
     "train-autoencoder": ("train_autoencoder:train_autoencoder_command", "Train a KL autoencoder (Rombach et al. 2022) for latent diffusion."),
+    "train-cascade": ("train_cascade:train_cascade_command", "Train an Imagen-like cascade: a base model, then super-resolution stages, into one folder."),
     "train-classifier": ("train_classifier:train_classifier_cmd", "Train a noise-aware classifier p(y | x_t, t) for classifier guidance."),
     "upscale": ("edit:upscale_command", "Upscale a picture with a super-resolution model (SR3)."),
 }

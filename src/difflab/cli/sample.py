@@ -44,6 +44,20 @@ def sample(model_dir: str, sampler: str | None, steps: int, num_images: int, see
         raise UserError(f"--num-images and --batch-size must be >= 1, got {num_images} and {batch_size}")
     out = ensure_writable_file(Path(out_path))
     index = Path(model_dir) / INDEX_NAME
+    if index.is_file() and read_index(model_dir)["_class_name"] == "CascadePipeline":  # every stage at --steps
+        from difflab.pipelines.cascade import CascadePipeline
+
+        started = time.perf_counter()
+        cascade = CascadePipeline.from_pretrained(model_dir, device)
+        label = int(class_label) if class_label is not None and class_label.lstrip("-").isdigit() else class_label
+        options = [{"num_inference_steps": steps, **({"sampler": sampler} if sampler else {}),
+                    **({"guidance_scale": guidance_scale} if guidance_scale is not None and k == 0 else {})}
+                   for k in range(len(cascade.stages))]
+        outs = cascade.run_stages(num_images, seed=seed, progress=not no_progress, class_labels=label, prompt=prompt,
+                                  negative_prompt=negative_prompt, stage_options=options)
+        _write_samples(outs[-1].samples, "image", out, sampler or "each stage's own", sum(o.nfe for o in outs),
+                       time.perf_counter() - started)  # evaluations of all stages together
+        return
     if index.is_file() and read_index(model_dir)["_class_name"] != "DiffusionPipeline":  # a text-to-image folder
         if class_label is not None or classifier_dir is not None:
             raise UserError("--class-label and --classifier apply to difflab class-conditional models, not text-to-image folders")
