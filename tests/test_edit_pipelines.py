@@ -116,3 +116,18 @@ def test_cli_inpaint_outpaint_img2img(pixel_model, picture, tmp_path, capsys, on
     assert code == 0 and Image.open(tmp_path / "b.png").size == (20, 20)
     code, out, _ = run_cli(["img2img", *common, "--strength", "0.5", "--steps", "4", "--out", str(tmp_path / "c.png")], capsys)
     assert code == 0 and "2 network evaluations" in out
+
+
+def test_tiled_outpainting_grows_a_strip_window_by_window(pixel_model, picture, one_thread):
+    """The tiny model is 16x16: extending a 16x16 picture by 20 pixels to the right takes windows adding 8, 8, 4
+    pixels; the picture stays exact, and each window's evaluations add up."""
+    pixels, image, _ = picture
+    pipe = InpaintPipeline.from_pretrained(pixel_model)
+    out = pipe.outpaint(image, [0, 0, 20, 0], tile=True, num_inference_steps=3, method="replacement", seed=0, progress=False)
+    got = np.asarray(out.images[0])
+    assert got.shape == (16, 36, 3) and np.array_equal(got[:, :16], pixels) and out.nfe == 3 * 3
+    left = pipe.outpaint(image, [6, 0, 0, 0], tile=True, num_inference_steps=3, method="replacement", seed=0, progress=False)
+    assert np.array_equal(np.asarray(left.images[0])[:, 6:], pixels)
+    with pytest.raises(UserError, match="needs the picture's other side to be the model's 16 pixels, got 20"):
+        pipe.outpaint(out.samples[:, :, :, :20].permute(0, 1, 3, 2), [0, 0, 4, 0], tile=True, num_inference_steps=2,
+                      progress=False)

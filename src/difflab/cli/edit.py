@@ -82,9 +82,10 @@ def inpaint_command(model_dir: str, image_path: str, out_path: str, seed: int, c
 @click.command()
 @_common
 @click.option("--pad", required=True, help="Pixels to add: ALL, or H,V, or L,T,R,B (e.g. 0,0,16,0 extends to the right).")
+@click.option("--tile", is_flag=True, help="Extend by repeated windows of the model's size (any length; the other side must be the model's).")
 @_inpaint_options
 def outpaint_command(model_dir: str, image_path: str, out_path: str, seed: int, class_label: str | None, prompt: str | None,
-                     guidance_scale: float, no_progress: bool, pad: str, method: str | None, steps: int, jump: int,
+                     guidance_scale: float, no_progress: bool, pad: str, tile: bool, method: str | None, steps: int, jump: int,
                      resample: int, sampler: str | None) -> None:
     """Extend a picture by a border that a trained model fills (outpainting)."""
     try:
@@ -94,7 +95,7 @@ def outpaint_command(model_dir: str, image_path: str, out_path: str, seed: int, 
     started = time.perf_counter()
     pipe = _load("inpaint", model_dir)
     method = method or pipe.default_method
-    out = pipe.outpaint(image_path, sides, num_inference_steps=steps, method=method, jump=jump, resample=resample,
+    out = pipe.outpaint(image_path, sides, tile=tile, num_inference_steps=steps, method=method, jump=jump, resample=resample,
                         sampler=sampler, seed=seed, progress=not no_progress, **_conditions(class_label, prompt, guidance_scale))
     _write(out, out_path, f"outpainted ({method})", started)
 

@@ -227,11 +227,18 @@ class InpaintPipeline(ImageInputPipeline):
             final = seam_overlay(decoded, pixels, keep_px, seam_width)
         return self._output(final, out.nfe)
 
-    def outpaint(self, image: Any, pad: Sequence[int], fill: float = 0.0, **kwargs: Any) -> PipelineOutput:
+    def outpaint(self, image: Any, pad: Sequence[int], fill: float = 0.0, tile: bool = False, **kwargs: Any) -> PipelineOutput:
         """Extend ``image`` by ``pad`` = (left, top, right, bottom) pixels and fill the new border (any keyword
-        argument of :meth:`__call__`). The new canvas must suit the model (sides divisible by its factor)."""
+        argument of :meth:`__call__`). The new canvas must suit the model (sides divisible by its factor).
+
+        ``tile=True`` extends by repeated windows of the model's training size instead, each side in turn (right,
+        left, bottom, top): every window keeps the canvas's outer part it overlaps as known context and fills at
+        most half a window of new pixels, so a model trained at 32x32 can grow a 32-high strip to any width. The
+        side across the extension must equal the model's training size."""
         pixels = self._inputs_unchecked(image)
         left, top, right, bottom = check_pad(pad)
+        if tile:
+            return self._outpaint_tiled(pixels, (left, top, right, bottom), fill, kwargs)
         b, c, h, w = pixels.shape
         canvas = torch.full((b, c, h + top + bottom, w + left + right), fill, dtype=pixels.dtype)
         canvas[..., top:top + h, left:left + w] = pixels
@@ -239,6 +246,35 @@ class InpaintPipeline(ImageInputPipeline):
         mask[top:top + h, left:left + w] = False
         return self(canvas, mask, **kwargs)
 
+    def _outpaint_tiled(self, canvas: Tensor, pad: tuple[int, int, int, int], fill: float,
+                        kwargs: dict[str, Any]) -> PipelineOutput:
+        f = self.vae.downsample_factor if self.vae is not None else 1
+        window_h, window_w = (n * f for n in self.sample_shape[1:])
+        nfe = 0
+        for side, amount in zip(("right", "left", "bottom", "top"), (pad[2], pad[0], pad[3], pad[1])):
+            axis = -1 if side in ("right", "left") else -2
+            window, across = (window_w, window_h) if axis == -1 else (window_h, window_w)
+            if amount and canvas.shape[2 if axis == -1 else 3] != across:
+                raise UserError(f"tiled outpainting to the {side} needs the picture's other side to be the model's "
+                                f"{across} pixels, got {canvas.shape[2 if axis == -1 else 3]}; resize it first")
+            while amount > 0:
+                n = min(window // 2, amount)
+                keep_n = window - n
+                if canvas.shape[axis] < keep_n:
+                    raise UserError(f"tiled outpainting needs a picture at least {keep_n} pixels along the extension, "
+                                    f"got {canvas.shape[axis]}")
+                context = canvas.narrow(axis, canvas.shape[axis] - keep_n, keep_n) if side in ("right", "bottom") \
+                    else canvas.narrow(axis, 0, keep_n)
+                new = torch.full_like(context.narrow(axis, 0, n), fill)
+                parts = (context, new) if side in ("right", "bottom") else (new, context)
+                mask = torch.cat([torch.zeros_like(p[0, :1], dtype=torch.bool) if p is context else
+                                  torch.ones_like(p[0, :1], dtype=torch.bool) for p in parts], dim=axis)[0]
+                out = self(torch.cat(parts, dim=axis), mask, **kwargs)
+                nfe += out.nfe
+                made = out.samples.narrow(axis, keep_n, n) if side in ("right", "bottom") else out.samples.narrow(axis, 0, n)
+                canvas = torch.cat((canvas, made) if side in ("right", "bottom") else (made, canvas), dim=axis)
+                amount -= n
+        return self._output(canvas, nfe)
 
 def check_pad(pad: Sequence[int]) -> tuple[int, int, int, int]:
     """(left, top, right, bottom) from 1, 2 or 4 non-negative ints, as CSS gives a border (at least one > 0)."""
