@@ -44,6 +44,19 @@ def _inpaint_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def _text2image(model_dir: str, prompt: str | None) -> Any:
+    """A Text2ImagePipeline for a text-to-image folder (difflab or Stable-Diffusion diffusers), else None."""
+    from difflab.io.pipeline_folder import INDEX_NAME, read_index
+
+    if not (Path(model_dir) / INDEX_NAME).is_file() or read_index(model_dir)["_class_name"] == "DiffusionPipeline":
+        return None
+    if prompt is None:
+        raise UserError('a text-to-image model needs --prompt "..." (use --prompt "" for none)')
+    from difflab.pipelines.text2image import Text2ImagePipeline
+
+    return Text2ImagePipeline.from_pretrained(model_dir)
+
+
 def _load(kind: str, model_dir: str) -> Any:
     from difflab.pipelines.edit import Img2ImgPipeline, InpaintPipeline
 
@@ -72,11 +85,23 @@ def inpaint_command(model_dir: str, image_path: str, out_path: str, seed: int, c
                     resample: int, sampler: str | None) -> None:
     """Fill the white part of a mask in a picture with a trained model (RePaint or replacement)."""
     started = time.perf_counter()
+    sd = _text2image(model_dir, prompt)
+    if sd is not None:
+        out = sd.inpaint(image_path, mask_path, prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
+                         method=method or "repaint", jump=jump, resample=resample, sampler=sampler or "ddpm",
+                         generator=[_seeded(seed)], progress=not no_progress)
+        return _write(out, out_path, f"inpainted ({method or 'repaint'})", started)
     pipe = _load("inpaint", model_dir)
     method = method or pipe.default_method
     out = pipe(image_path, mask_path, steps, method, jump, resample, sampler, seed=seed, progress=not no_progress,
                **_conditions(class_label, prompt, guidance_scale))
     _write(out, out_path, f"inpainted ({method})", started)
+
+
+def _seeded(seed: int) -> Any:
+    import torch
+
+    return torch.Generator().manual_seed(seed)
 
 
 @click.command()
@@ -109,6 +134,11 @@ def img2img_command(model_dir: str, image_path: str, out_path: str, seed: int, c
                     guidance_scale: float, no_progress: bool, strength: float, steps: int, sampler: str | None) -> None:
     """Redraw a picture with a trained model: SDEdit image-to-image (Meng et al. 2022)."""
     started = time.perf_counter()
+    sd = _text2image(model_dir, prompt)
+    if sd is not None:
+        out = sd.img2img(image_path, prompt, strength, num_inference_steps=steps, guidance_scale=guidance_scale,
+                         sampler=sampler or "dpmpp_2m", generator=[_seeded(seed)], progress=not no_progress)
+        return _write(out, out_path, f"img2img (strength {strength:g})", started)
     out = _load("img2img", model_dir)(image_path, strength, steps, sampler, seed=seed, progress=not no_progress,
                                       **_conditions(class_label, prompt, guidance_scale))
     _write(out, out_path, f"img2img (strength {strength:g})", started)

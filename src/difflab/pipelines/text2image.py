@@ -227,6 +227,77 @@ class Text2ImagePipeline:
         images = tensor_to_pil(samples) if output_type == "pil" else (samples + 1) / 2
         return Text2ImageOutput(images, samples, result.samples.float().cpu(), result.nfe)
 
+    # ----- editing (docs/editing.md) ----------------------------------------------------------------
+    def _encode_pictures(self, image: Any) -> tuple[Tensor, Tensor]:
+        """(pixels (B, 3, H, W) in [-1, 1], their diffusion-space latents ``vae.encode(x).mean * scaling_factor``)."""
+        from difflab.pipelines.edit import load_image_tensor
+
+        pixels = load_image_tensor(image, 3 if self.vae is not None else self.in_channels).to(self.device)
+        self.latent_shape(pixels.shape[-2], pixels.shape[-1])  # sizes the autoencoder can take (nearest ones in the error)
+        if self.vae is None:
+            return pixels, pixels
+        with _autocast(pixels.device, self.dtype):
+            z = self.vae.encode(pixels).mean.float() * self.vae.scaling_factor
+        return pixels, z
+
+    @torch.no_grad()
+    def img2img(self, image: Any, prompt: str | Sequence[str], strength: float = 0.6,
+                negative_prompt: str | Sequence[str] | None = None, num_inference_steps: int = 25,
+                guidance_scale: float = 7.5, sampler: str = "dpmpp_2m",
+                generator: torch.Generator | Sequence[torch.Generator] | None = None, *, progress: bool = True,
+                **sampler_options: Any) -> Text2ImageOutput:
+        """SDEdit (Meng et al. 2022) in latent space: :func:`difflab.editing.sdedit` over the guided denoiser, on
+        difflab's time grid of the sampler (not the scheduler config's spacing); one image per prompt."""
+        from difflab.editing import sdedit
+
+        pixels, z = self._encode_pictures(image)
+        prompts, negatives = _per_image_prompts(prompt, negative_prompt, 1)
+        if len(prompts) == 1 and len(z) > 1:
+            prompts, negatives = prompts * len(z), (negatives * len(z) if negatives else None)
+        if len(prompts) != len(z):
+            raise UserError(f"got {len(prompts)} prompts for {len(z)} images; pass one prompt or one per image")
+        noise = NoiseSource.from_any(generator, len(z))
+        denoiser = self.denoiser(prompts, negatives, guidance_scale, sampler=sampler)
+        result = sdedit(denoiser, z, strength, sampler, num_inference_steps, generator=noise, progress=progress,
+                        **sampler_options)
+        samples = self.decode(result.samples).clamp(-1, 1).cpu()
+        return Text2ImageOutput(tensor_to_pil(samples), samples, result.samples.float().cpu(), result.nfe)
+
+    @torch.no_grad()
+    def inpaint(self, image: Any, mask_image: Any, prompt: str | Sequence[str],
+                negative_prompt: str | Sequence[str] | None = None, num_inference_steps: int = 50,
+                guidance_scale: float = 7.5, method: str = "repaint", jump: int = 10, resample: int = 10,
+                sampler: str = "ddpm", generator: torch.Generator | Sequence[torch.Generator] | None = None, *,
+                seam_width: int | None = None, progress: bool = True, **sampler_options: Any) -> Text2ImageOutput:
+        """Inpainting with a text-to-image model that was not trained for it: RePaint or replacement on the
+        latents, then the decoded result overlaid on the picture in pixel space with a blended seam
+        (:func:`~difflab.pipelines.edit.seam_overlay`), so the known pixels are the input's exactly."""
+        from difflab.editing import inpaint, repaint
+        from difflab.pipelines.edit import INPAINT_METHODS, SEAM_WIDTH, load_keep_mask, seam_overlay
+
+        if method not in INPAINT_METHODS[:2]:
+            raise UserError(f"method {method!r} is not available for a text-to-image folder; use repaint or replacement")
+        pixels, z = self._encode_pictures(image)
+        keep_px = load_keep_mask(mask_image, tuple(pixels.shape[-2:])).to(self.device)
+        keep = keep_px if self.vae is None else -torch.nn.functional.max_pool2d(-keep_px.float(), self.factor) > 0.5
+        prompts, negatives = _per_image_prompts(prompt, negative_prompt, 1)
+        if len(prompts) == 1 and len(z) > 1:
+            prompts, negatives = prompts * len(z), (negatives * len(z) if negatives else None)
+        noise = NoiseSource.from_any(generator, len(z))
+        denoiser = self.denoiser(prompts, negatives, guidance_scale, sampler=sampler)
+        if method == "repaint":
+            result = repaint(denoiser, z, keep, num_inference_steps, jump, resample, generator=noise, sampler=sampler,
+                             progress=progress, **sampler_options)
+        else:
+            result = inpaint(denoiser, z, keep, sampler, num_inference_steps, generator=noise, progress=progress,
+                             **sampler_options)
+        decoded = self.decode(result.samples).clamp(-1, 1)
+        width = SEAM_WIDTH if seam_width is None else seam_width
+        samples = (decoded if self.vae is None else seam_overlay(decoded, pixels, keep_px, width)).cpu()
+        if self.vae is None:
+            samples = torch.where(keep_px.cpu(), pixels.cpu(), samples)
+        return Text2ImageOutput(tensor_to_pil(samples), samples, result.samples.float().cpu(), result.nfe)
+
     def _initial_latents(self, latents: Tensor | None, noise: NoiseSource, shape: tuple[int, ...], batch: int) -> Tensor:
         if latents is None:
             return noise.randn(shape, device=self.device)
