@@ -295,7 +295,7 @@ def report(entries: list[Entry], batch: int, peak: float, clock: str, argv: list
         f"Date: {datetime.date.today().isoformat()}; torch {torch.__version__}; "
         f"threads {torch.get_num_threads()}; clock {clock}; CPU: {cpu_name()}; "
         f"batch {batch}, {SIZE}x{SIZE} RGB, {precision}; {precision} matmul peak {peak / 1e9:.1f} GFLOP/s{load_note()}; "
-        f"diffusers layout: {LAYOUTS[layout]}",
+        f"{'difflab alone, three memory formats / compilation' if formats else 'diffusers layout: ' + LAYOUTS[layout]}",
         "",
         "| model | params | GFLOP/img fwd | train img/s | train % peak | vs diffusers | "
         "sample img/s | sample % peak | vs diffusers |".replace("diffusers", "contiguous" if formats else "diffusers"),
