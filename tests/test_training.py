@@ -291,3 +291,25 @@ def test_bf16_autocast_loss_and_gradient_match_fp32():
     # The loss, a mean over 3072 squared entries, averages those errors down: seen 2.4e-4 relative; 2e-3 = 8x.
     assert l16.item() == pytest.approx(l32.item(), rel=2e-3)
     assert l16.item() != l32.item()
+
+
+def test_channels_last_training_keeps_its_format_and_resumes_exactly(tmp_path):
+    """optim.channels_last: the 4-D weights and the image batch in channels-last memory; a saved checkpoint
+    (contiguous safetensors) resumes bit-exactly, and the run's loss equals the contiguous run's to rounding
+    (convolutions in another memory order may sum in another order: seen equal; 1e-5 relative allowed)."""
+    def config(steps):
+        raw = tiny_config_dict(steps=steps)
+        raw["optim"]["channels_last"] = True
+        return TrainConfig.from_dict(raw)
+
+    trainer = build_diffusion_training(config(6), tmp_path / "probe", progress=False)
+    conv = next(p for p in trainer.model.parameters() if p.dim() == 4)
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert trainer._local_batch(0)["x"].is_contiguous(memory_format=torch.channels_last)
+    train(config(6), tmp_path / "straight", progress=False)
+    train(config(3), tmp_path / "resumed", progress=False)
+    train(config(6), tmp_path / "resumed", resume=True, progress=False)
+    assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "resumed"))
+    plain = build_diffusion_training(TrainConfig.from_dict(tiny_config_dict(steps=6)), tmp_path / "plain", progress=False)
+    a, b = trainer.train_step(0), plain.train_step(0)
+    assert abs(a - b) <= 1e-5 * abs(b)

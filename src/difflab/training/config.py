@@ -73,6 +73,7 @@ class OptimConfig:
     grad_accum_steps: int = 1  # micro-batches per step: same result, 1/N of the activation memory
     ema_decay: float = 0.999
     mixed_precision: str = "auto"  # auto (bf16 on a GPU that supports it, else no) | no | fp16 | bf16 (Accelerate)
+    channels_last: bool = False  # 2-D convolutional networks train in channels-last memory format (no faster on CPU: docs/benchmarks.md, section 2)
     time_limit_s: float | None = None  # seconds of training after which the run stops and saves (None: run all steps)
 
 

@@ -86,6 +86,10 @@ class Trainer:
         self.dataset = dataset
         self.objective = objective
         o = config.optim
+        # channels-last 2-D convolutions (docs/benchmarks.md, section 2): weights before the EMA copy and the optimizer
+        self.channels_last = bool(o.channels_last) and any(p.dim() == 4 for p in model.parameters())
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
         self.ema = EMA(model, o.ema_decay)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay,
                                            betas=tuple(o.betas), foreach=True)
@@ -135,7 +139,10 @@ class Trainer:
     def _local_batch(self, step: int) -> Batch:
         """This process's rows of the global batch, on its device."""
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        return _rows(self.global_batch(step), slice(rank, None, world), self.accelerator.device)
+        batch = _rows(self.global_batch(step), slice(rank, None, world), self.accelerator.device)
+        if self.channels_last and isinstance(batch.get("x"), Tensor) and batch["x"].dim() == 4:
+            batch["x"] = batch["x"].contiguous(memory_format=torch.channels_last)
+        return batch
 
     # ----- one optimisation step --------------------------------------------------------------
     def train_step(self, step: int) -> float:
