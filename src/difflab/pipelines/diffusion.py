@@ -181,9 +181,7 @@ class DiffusionPipeline:
         """
         if num_images < 1:
             raise UserError(f"num_images must be >= 1, got {num_images}")
-        if not 1 <= num_inference_steps <= self.schedule.T:
-            raise UserError(f"num_inference_steps={num_inference_steps} is out of range: the model was trained with "
-                            f"T={self.schedule.T} steps; use 1 to {self.schedule.T}")
+        self._check_steps(num_inference_steps)
         name = sampler or self.sampler
         sampler_options.update(eta_option(name, eta))  # unknown names fail here, listing the valid ones
         if seed is not None:
@@ -205,6 +203,11 @@ class DiffusionPipeline:
         modality = get_modality(self.modality)
         samples = modality.finalize(final).float().cpu()
         return PipelineOutput(images=modality.to_media(samples), samples=samples, nfe=result.nfe, latents=latents)
+
+    def _check_steps(self, steps: int) -> None:
+        if not 1 <= steps <= self.schedule.T:
+            raise UserError(f"num_inference_steps={steps} is out of range: the model was trained with "
+                            f"T={self.schedule.T} steps; use 1 to {self.schedule.T}")
 
     def in_batches(self, num_images: int, batch_size: int, *, seed: int = 0, **kwargs: Any) -> PipelineOutput:
         """``num_images`` images, ``batch_size`` per forward pass; image i uses seed ``seed + i`` whatever the batch size.

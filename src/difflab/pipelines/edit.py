@@ -130,11 +130,6 @@ class ImageInputPipeline(DiffusionPipeline):
         return self.denoiser(batch, class_labels, prompt, negative_prompt, guidance_scale, sampler=sampler, noise=noise,
                              concat=concat)
 
-    def _check_steps(self, steps: int) -> None:
-        if not 1 <= steps <= self.schedule.T:
-            raise UserError(f"num_inference_steps={steps} is out of range: the model was trained with "
-                            f"T={self.schedule.T} steps; use 1 to {self.schedule.T}")
-
     def _output(self, final: Tensor, nfe: int) -> PipelineOutput:
         modality = get_modality(self.modality)
         samples = modality.finalize(final).float().cpu()
