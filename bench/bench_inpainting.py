@@ -6,6 +6,7 @@ Phases (the two trainings can run at the same time, one per core):
     taskset -c 0 python bench/bench_inpainting.py train-uncond --time-limit 300 &
     taskset -c 1 python bench/bench_inpainting.py train-inpaint --time-limit 300 &
     wait; python bench/bench_inpainting.py eval --threads 2
+    python bench/bench_inpainting.py eval --threads 2 --methods replacement --replacement-steps 230   # equal evaluations
 Both models: the same small UNet, the first 8,000 MNIST images, the default recipe otherwise. The classifier
 (difflab.metrics.domain) trains on the same 8,000. Evaluation: images 9,000 + [0, --eval) with three masks:
 the bottom half, the central 14x14 box and random strokes (difflab.data.masks, seed 0); RePaint at --repaint-steps
@@ -74,7 +75,9 @@ def eval_phase(args: argparse.Namespace) -> None:
                                    "resample": args.resample}),
                "trained": (trained, {"method": "trained", "num_inference_steps": args.trained_steps})}
     row = {"date": datetime.date.today().isoformat(), "train_s": args.time_limit, "eval_images": args.eval,
+           "replacement_steps": args.replacement_steps,
            "classifier_heldout_accuracy": classifier.config.heldout_accuracy, "originals": agreement(truth), "masks": {}}
+    methods = {k: v for k, v in methods.items() if k in args.methods}
     for name, fill in masks(args.eval).items():
         entry = {"masked_input": agreement(torch.where(fill, torch.zeros_like(truth), truth))}
         for method, (pipe, options) in methods.items():
@@ -101,6 +104,8 @@ def main() -> None:
     p.add_argument("--jump", type=int, default=5)
     p.add_argument("--resample", type=int, default=5)
     p.add_argument("--trained-steps", type=int, default=20)
+    p.add_argument("--methods", nargs="+", default=["replacement", "repaint", "trained"],
+                   help="which to run (e.g. replacement alone at --replacement-steps 230: RePaint's evaluations)")
     p.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data" / "mnist")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_inpaint")
     args = p.parse_args()

@@ -39,6 +39,21 @@ def test_replacement_keeps_known_entries_exactly(image_case, sampler):
     assert (out.samples[..., 2:] - known[..., 2:]).abs().max() > 1e-3  # the rest was generated, not copied
 
 
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m"])
+def test_the_replacement_callback_alone_ends_on_the_known_entries(image_case, sampler):
+    """Without inpaint()'s final overlay: the callback's replacement at the clean end already restores the known
+    entries exactly, so every sampler's last step passes through it."""
+    from difflab.editing.inpaint import replacement_callback
+    from difflab.samplers import make_grid
+
+    model, sched, known, keep = image_case
+    grid = make_grid(sched, 6, "uniform")
+    callback = replacement_callback(known, keep.expand_as(known), sched, grid, seeds(4, 9))
+    out = sample(model, seeds(4, 9).randn(known.shape[1:]), sampler, timesteps=grid, schedule=sched, generator=seeds(4, 1),
+                 callback=callback)
+    assert torch.equal(out.samples[..., :2], known[..., :2])
+
+
 @pytest.mark.parametrize("sampler, options", [("ddpm", {}), ("ddim", {"eta": 0.5})])
 def test_repaint_keeps_known_entries_exactly(image_case, sampler, options):
     model, sched, known, keep = image_case
@@ -106,6 +121,10 @@ def test_bad_masks(image_case):
         inpaint(model, known, torch.zeros(4, 4), steps=2, schedule=sched, generator=seeds(4))
     with pytest.raises(UserError, match="multistep solvers"):
         repaint(model, known, keep, schedule=sched, sampler="dpmpp_2m")
+    with pytest.raises(UserError, match="eta must lie in \\[0, 1\\]"):
+        repaint(model, known, keep, schedule=sched, sampler="ddim", eta=2.0)
+    with pytest.raises(UserError, match="unknown option\\(s\\) \\['eta'\\] for RePaint with ddpm"):
+        repaint(model, known, keep, schedule=sched, eta=0.5)
 
 
 def _conditional(mix, known_value):

@@ -30,6 +30,10 @@ def test_each_mask_kind_has_its_geometry():
             assert torch.all(masks[:, 0].all(1) | masks[:, -1].all(1) | masks[:, :, 0].all(1) | masks[:, :, -1].all(1))
         else:  # strokes: radius 16 / 12 -> more than a disc, less than the image, not a half
             assert frac.min() > 0.02 and frac.max() < 0.9
+            # a stroke is connected: every filled pixel is reachable from any other through 4-neighbours
+            from scipy.ndimage import label
+
+            assert all(label(m.numpy())[1] == 1 for m in masks)
     a = random_fill_masks(4, 16, 16, torch.Generator().manual_seed(5))
     assert torch.equal(a, random_fill_masks(4, 16, 16, torch.Generator().manual_seed(5)))  # a function of the seed
 

@@ -64,8 +64,9 @@ def _load(kind: str, model_dir: str) -> Any:
 
 
 def _conditions(class_label: str | None, prompt: str | None, guidance_scale: float) -> dict[str, Any]:
-    label: Any = int(class_label) if class_label is not None and class_label.lstrip("-").isdigit() else class_label
-    return {"class_labels": label, "prompt": prompt, "guidance_scale": guidance_scale}
+    from difflab.cli.sample import parse_class_label
+
+    return {"class_labels": parse_class_label(class_label), "prompt": prompt, "guidance_scale": guidance_scale}
 
 
 def _write(out: Any, out_path: str, what: str, started: float) -> None:

@@ -49,7 +49,7 @@ def sample(model_dir: str, sampler: str | None, steps: int, num_images: int, see
 
         started = time.perf_counter()
         cascade = CascadePipeline.from_pretrained(model_dir, device)
-        label = int(class_label) if class_label is not None and class_label.lstrip("-").isdigit() else class_label
+        label = parse_class_label(class_label)
         options = [{"num_inference_steps": steps, **({"sampler": sampler} if sampler else {}),
                     **({"guidance_scale": guidance_scale} if guidance_scale is not None and k == 0 else {})}
                    for k in range(len(cascade.stages))]
@@ -80,12 +80,17 @@ def sample(model_dir: str, sampler: str | None, steps: int, num_images: int, see
 
         classifier = NoisyClassifier.from_pretrained(classifier_dir, device=device)
     started = time.perf_counter()
-    label = int(class_label) if class_label is not None and class_label.lstrip("-").isdigit() else class_label
+    label = parse_class_label(class_label)
     result = pipe.in_batches(num_images, batch_size, seed=seed, num_inference_steps=steps, sampler=sampler, eta=eta,
                              progress=not no_progress, class_labels=label, prompt=prompt, negative_prompt=negative_prompt,
                              guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, classifier=classifier,
                              classifier_scale=classifier_scale)
     _write_samples(result.samples, pipe.modality, out, sampler or pipe.sampler, result.nfe, time.perf_counter() - started)
+
+
+def parse_class_label(class_label: str | None) -> Any:
+    """``--class-label``: an int index when it is one, else the class name as given (None: none)."""
+    return int(class_label) if class_label is not None and class_label.lstrip("-").isdigit() else class_label
 
 
 def _sample_text2image(model_dir: str, device: str, dtype: str | None, num_images: int, batch_size: int,

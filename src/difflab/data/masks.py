@@ -37,7 +37,7 @@ def box_mask(h: int, w: int, generator: torch.Generator) -> Tensor:
 
 def stroke_mask(h: int, w: int, generator: torch.Generator) -> Tensor:
     """A free-form brush stroke: 2-5 connected segments of length 1/4-1/2 of the side at random angles, drawn
-    with a round brush of radius max(1, side / 12)."""
+    with a round brush of radius max(1, side / 12) (every pixel within that distance of a segment)."""
     side = min(h, w)
     radius = max(1.0, side / 12)
     ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
@@ -47,9 +47,10 @@ def stroke_mask(h: int, w: int, generator: torch.Generator) -> Tensor:
         angle, length = _uniform(generator, 0, 2 * math.pi), _uniform(generator, side / 4, side / 2)
         y1 = min(max(y + length * math.sin(angle), 0.0), h - 1.0)
         x1 = min(max(x + length * math.cos(angle), 0.0), w - 1.0)
-        for f in torch.linspace(0, 1, int(2 * length) + 2, dtype=torch.float64).tolist():  # stamps every half pixel
-            cy, cx = y + f * (y1 - y), x + f * (x1 - x)
-            fill |= (ys - cy) ** 2 + (xs - cx) ** 2 <= radius**2
+        dy, dx = y1 - y, x1 - x
+        along = ((ys - y) * dy + (xs - x) * dx) / max(dy * dy + dx * dx, 1e-12)  # the nearest point's position on the segment
+        f = along.clamp(0, 1)
+        fill |= (ys - (y + f * dy)) ** 2 + (xs - (x + f * dx)) ** 2 <= radius**2
         y, x = y1, x1
     return fill
 

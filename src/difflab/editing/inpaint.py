@@ -27,16 +27,17 @@ from difflab.denoiser import Denoiser, as_denoiser
 from difflab.errors import UserError
 from difflab.noise import NoiseSource
 from difflab.process import transition
-from difflab.samplers._common import Point, StepCallback, point
+from difflab.samplers._common import Point, StepCallback, check_eta, point
 from difflab.samplers.api import DEFAULT_GRIDS, FALLBACK_GRID, SampleResult, TrackedDenoiser, initial_noise, sample
 from difflab.samplers.ddim import ddim_step
 from difflab.samplers.ddpm import check_variance, ddpm_step
 from difflab.samplers.grids import make_grid
-from difflab.samplers.registry import get_sampler
+from difflab.samplers.registry import get_sampler, sampler_options
 from difflab.schedules import NoiseSchedule
 from difflab.space import ProjectedNoise
 
 REPAINT_STEPS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {"ddpm": ddpm_step, "ddim": ddim_step}
+REPAINT_CHECKS: dict[str, Callable[[Any], None]] = {"ddpm": check_variance, "ddim": check_eta}  # each one's option
 
 
 def known_mask(keep: Tensor, known: Tensor) -> Tensor:
@@ -186,11 +187,11 @@ def repaint(
     if sampler not in REPAINT_STEPS:
         raise UserError(f"RePaint resamples by jumping back in time, which multistep solvers' histories do not survive; "
                         f"use sampler {' or '.join(REPAINT_STEPS)}, not {sampler!r} (inpaint() takes any sampler)")
-    allowed = {"ddpm": {"variance"}, "ddim": {"eta"}}[sampler]
-    if set(options) - allowed:
-        raise UserError(f"unknown option(s) {sorted(set(options) - allowed)} for RePaint with {sampler}; valid: {sorted(allowed)}")
-    if sampler == "ddpm":
-        check_variance(options.get("variance", "small"))
+    allowed = sampler_options(sampler)  # the ddpm / ddim sampler's own options (variance / eta)
+    if set(options) - set(allowed):
+        raise UserError(f"unknown option(s) {sorted(set(options) - set(allowed))} for RePaint with {sampler}; valid: {sorted(allowed)}")
+    (option, default), = allowed.items()  # ddpm: variance, ddim: eta
+    REPAINT_CHECKS[sampler](options.get(option, default))
     denoiser, keep, source = _prepare(model_fn, known, keep, schedule, parameterization, generator)
     if bool(keep.all()):
         return SampleResult(known.clone(), 0)

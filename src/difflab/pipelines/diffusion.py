@@ -58,6 +58,14 @@ def eta_option(sampler: Any, eta: float | None) -> dict[str, float]:
     return {"eta": eta}
 
 
+def seeded_noise(batch: int, seed: int | None, generator: Any) -> NoiseSource:
+    """Per-image noise: image i from seed ``seed + i`` when ``seed`` is given, else from ``generator`` (one, one per
+    image, or None)."""
+    if seed is not None:
+        generator = [torch.Generator().manual_seed(seed + i) for i in range(batch)]
+    return NoiseSource.from_any(generator, batch)
+
+
 PER_IMAGE_ARGUMENTS = ("class_labels", "prompt", "negative_prompt", "concat")
 
 
@@ -184,9 +192,7 @@ class DiffusionPipeline:
         self._check_steps(num_inference_steps)
         name = sampler or self.sampler
         sampler_options.update(eta_option(name, eta))  # unknown names fail here, listing the valid ones
-        if seed is not None:
-            generator = [torch.Generator().manual_seed(seed + i) for i in range(num_images)]
-        noise = NoiseSource.from_any(generator, num_images)
+        noise = seeded_noise(num_images, seed, generator)
         if isinstance(classifier, (str, Path)):
             from difflab.nets.classifier import NoisyClassifier
 

@@ -20,14 +20,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
 from difflab.editing import inpaint, repaint, sdedit
 from difflab.errors import UserError
 from difflab.modalities import get_modality
-from difflab.noise import NoiseSource
-from difflab.pipelines.diffusion import DiffusionPipeline, PipelineOutput, decode_latents, eta_option
+from difflab.pipelines.diffusion import DiffusionPipeline, PipelineOutput, decode_latents, eta_option, seeded_noise
 from difflab.samplers import sample
 
 INPAINT_METHODS = ("repaint", "replacement", "trained")
@@ -83,6 +83,11 @@ def _open(item: Any) -> Image.Image:
         raise UserError(f"{path} is not an image Pillow can read; pass a PNG or JPEG") from None
 
 
+def latent_keep(keep: Tensor, factor: int) -> Tensor:
+    """The latent cells whose ``factor x factor`` pixels are all known (a min-pool of the pixel ``keep`` mask)."""
+    return -F.max_pool2d(-keep.float(), factor) > 0.5
+
+
 def seam_overlay(generated: Tensor, known: Tensor, keep: Tensor, width: int = SEAM_WIDTH,
                  reference: Tensor | None = None) -> Tensor:
     """``known`` where ``keep``; elsewhere ``generated``, blended within ``width`` pixels of the known region
@@ -125,21 +130,10 @@ class ImageInputPipeline(DiffusionPipeline):
     def _encode(self, x: Tensor) -> Tensor:
         return x if self.vae is None else self.vae.encode(x).mean * self.vae.scaling_factor
 
-    def _denoiser(self, batch: int, noise: NoiseSource, sampler: str, class_labels: Any, prompt: Any,
-                  negative_prompt: Any, guidance_scale: float, concat: Any = None) -> Any:
-        return self.denoiser(batch, class_labels, prompt, negative_prompt, guidance_scale, sampler=sampler, noise=noise,
-                             concat=concat)
-
     def _output(self, final: Tensor, nfe: int) -> PipelineOutput:
         modality = get_modality(self.modality)
         samples = modality.finalize(final).float().cpu()
         return PipelineOutput(images=modality.to_media(samples), samples=samples, nfe=nfe)
-
-    @staticmethod
-    def _noise(batch: int, seed: int | None, generator: Any) -> NoiseSource:
-        if seed is not None:
-            generator = [torch.Generator().manual_seed(seed + i) for i in range(batch)]
-        return NoiseSource.from_any(generator, batch)
 
 
 class InpaintPipeline(ImageInputPipeline):
@@ -195,16 +189,16 @@ class InpaintPipeline(ImageInputPipeline):
         batch = pixels.shape[0]
         known = self._encode(pixels)
         keep = keep_px
-        if self.vae is not None:  # a latent cell is known when all of its pixels are
-            f = self.vae.downsample_factor
-            keep = -torch.nn.functional.max_pool2d(-keep_px.float(), f) > 0.5
+        if self.vae is not None:
+            keep = latent_keep(keep_px, self.vae.downsample_factor)
         name = sampler or (self.sampler if method == "trained" else "ddpm")  # ddpm: the exact fit of RePaint and replacement
         sampler_options.update(eta_option(name, eta))
-        noise = self._noise(batch, seed, generator)
+        noise = seeded_noise(batch, seed, generator)
         if trained and self.vae is not None:
             raise UserError("inpainting models are trained on pixels in this version; this one has an autoencoder")
         condition = {concat.key: concat.masked_input(known, keep)} if trained else None
-        denoiser = self._denoiser(batch, noise, name, class_labels, prompt, negative_prompt, guidance_scale, condition)
+        denoiser = self.denoiser(batch, class_labels, prompt, negative_prompt, guidance_scale, sampler=name, noise=noise,
+                                 concat=condition)
         if method == "trained":
             x_T = denoiser.space.noise(known.shape[1:], noise, device=self.device)
             out = sample(denoiser, x_T, sampler=name, steps=num_inference_steps, generator=noise, progress=progress,
@@ -311,8 +305,8 @@ class Img2ImgPipeline(ImageInputPipeline):
         batch = pixels.shape[0]
         name = sampler or self.sampler
         sampler_options.update(eta_option(name, eta))
-        noise = self._noise(batch, seed, generator)
-        denoiser = self._denoiser(batch, noise, name, class_labels, prompt, negative_prompt, guidance_scale)
+        noise = seeded_noise(batch, seed, generator)
+        denoiser = self.denoiser(batch, class_labels, prompt, negative_prompt, guidance_scale, sampler=name, noise=noise)
         out = sdedit(denoiser, self._encode(pixels), strength, name, num_inference_steps, generator=noise,
                      progress=progress, **sampler_options)
         final = out.samples if self.vae is None else decode_latents(self.vae, out.samples)

@@ -251,11 +251,7 @@ class Text2ImagePipeline:
         from difflab.editing import sdedit
 
         pixels, z = self._encode_pictures(image)
-        prompts, negatives = _per_image_prompts(prompt, negative_prompt, 1)
-        if len(prompts) == 1 and len(z) > 1:
-            prompts, negatives = prompts * len(z), (negatives * len(z) if negatives else None)
-        if len(prompts) != len(z):
-            raise UserError(f"got {len(prompts)} prompts for {len(z)} images; pass one prompt or one per image")
+        prompts, negatives = _prompts_for_pictures(prompt, negative_prompt, len(z))
         noise = NoiseSource.from_any(generator, len(z))
         denoiser = self.denoiser(prompts, negatives, guidance_scale, sampler=sampler)
         result = sdedit(denoiser, z, strength, sampler, num_inference_steps, generator=noise, progress=progress,
@@ -273,16 +269,14 @@ class Text2ImagePipeline:
         latents, then the decoded result overlaid on the picture in pixel space with a blended seam
         (:func:`~difflab.pipelines.edit.seam_overlay`), so the known pixels are the input's exactly."""
         from difflab.editing import inpaint, repaint
-        from difflab.pipelines.edit import INPAINT_METHODS, SEAM_WIDTH, load_keep_mask, seam_overlay
+        from difflab.pipelines.edit import INPAINT_METHODS, SEAM_WIDTH, latent_keep, load_keep_mask, seam_overlay
 
         if method not in INPAINT_METHODS[:2]:
             raise UserError(f"method {method!r} is not available for a text-to-image folder; use repaint or replacement")
         pixels, z = self._encode_pictures(image)
         keep_px = load_keep_mask(mask_image, tuple(pixels.shape[-2:])).to(self.device)
-        keep = keep_px if self.vae is None else -torch.nn.functional.max_pool2d(-keep_px.float(), self.factor) > 0.5
-        prompts, negatives = _per_image_prompts(prompt, negative_prompt, 1)
-        if len(prompts) == 1 and len(z) > 1:
-            prompts, negatives = prompts * len(z), (negatives * len(z) if negatives else None)
+        keep = keep_px if self.vae is None else latent_keep(keep_px, self.factor)
+        prompts, negatives = _prompts_for_pictures(prompt, negative_prompt, len(z))
         noise = NoiseSource.from_any(generator, len(z))
         denoiser = self.denoiser(prompts, negatives, guidance_scale, sampler=sampler)
         if method == "repaint":
@@ -325,6 +319,16 @@ class Text2ImagePipeline:
         images: Any = [im for p in parts for im in p.images] if pil else torch.cat([p.images for p in parts])
         samples, final = torch.cat([p.samples for p in parts]), torch.cat([p.latents for p in parts])
         return Text2ImageOutput(images, samples, final, parts[0].nfe)
+
+
+def _prompts_for_pictures(prompt: Any, negative_prompt: Any, n: int) -> tuple[list[str], list[str] | None]:
+    """One prompt (and negative) per edited picture: a single prompt serves all ``n``."""
+    prompts, negatives = _per_image_prompts(prompt, negative_prompt, 1)
+    if len(prompts) == 1 and n > 1:
+        prompts, negatives = prompts * n, (negatives * n if negatives else None)
+    if len(prompts) != n:
+        raise UserError(f"got {len(prompts)} prompts for {n} images; pass one prompt or one per image")
+    return prompts, negatives
 
 
 def _per_image_prompts(prompt: Any, negative_prompt: Any, per_prompt: int) -> tuple[list[str], list[str] | None]:

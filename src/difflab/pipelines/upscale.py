@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from difflab.errors import UserError
-from difflab.pipelines.diffusion import PipelineOutput, eta_option
+from difflab.pipelines.diffusion import PipelineOutput, eta_option, seeded_noise
 from difflab.pipelines.edit import ImageInputPipeline
 from difflab.samplers import sample
 
@@ -70,7 +70,7 @@ class UpscalePipeline(ImageInputPipeline):
                             f"multiples of {factor}); give an input whose sides are multiples of {max(1, factor // trained)}")
         name = sampler or self.sampler
         sampler_options.update(eta_option(name, eta))
-        noise = self._noise(low.shape[0], seed, generator)
+        noise = seeded_noise(low.shape[0], seed, generator)
         denoiser = self.denoiser(low.shape[0], class_labels, prompt, negative_prompt, guidance_scale, sampler=name,
                                  concat={"low_res": low}, aug_level=aug_level, noise=noise)
         x_T = denoiser.space.noise(shape, noise, device=self.device)
